@@ -1,0 +1,1 @@
+"""Data: image-caption loading, transforms and the built-in shapes data set."""

@@ -1,0 +1,465 @@
+"""``LatentPipeline``: text-to-image sampling with a frozen VAE, a frozen CLIP text encoder and an ldm denoiser.
+
+    prompt --CLIPTokenizer/CLIPTextModel--> tokens (B, 77, D_txt) + mask (B, 77)
+    noise (B, C, h, w) --[denoiser + scheduler.step] x num_inference_steps--> latents
+    latents / scaling_factor + shift_factor --AutoencoderKL.decode--> images (B, 3, H, W)
+
+Classifier-free guidance runs the conditional and unconditional (negative-prompt) branches in one batch of 2B.
+A guidance-distilled student (``denoiser.config.guidance_embedding``) takes ``guidance_scale`` as an input instead and
+runs one batch of B per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.guiders.guider_utils import rescale_noise_cfg
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+import ldm  # noqa: F401  (registers every ldm model/scheduler module so saved pipelines resolve)
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class LatentPipeline(DiffusionPipeline):
+    r"""Text-to-image pipeline for latent diffusion with an ldm U-Net or DiT denoiser.
+
+    Components:
+        vae (`AutoencoderKL`): frozen image <-> latent autoencoder; its config gives ``scaling_factor`` (and
+            ``shift_factor`` when present).
+        text_encoder (`CLIPTextModel`): frozen text encoder; its hidden size must equal the denoiser's
+            ``cross_attention_dim``.
+        tokenizer (`CLIPTokenizer`): tokenizer of the text encoder (``model_max_length`` tokens, usually 77).
+        denoiser (`ldm.UNetModel` or `ldm.DiTModel`): predicts epsilon, x0 or v (``scheduler.config.prediction_type``),
+            optionally with a learned-range variance in its second half of channels.
+        scheduler (`SchedulerMixin`): any diffusers scheduler (DDPM, DDIM, DPM-Solver, ...) or ldm's
+            ``ProgressiveDistillationScheduler``.
+    """
+
+    model_cpu_offload_seq = "text_encoder->denoiser->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        denoiser: torch.nn.Module,
+        scheduler: SchedulerMixin,
+    ):
+        super().__init__()
+        self._check_components(vae, text_encoder, tokenizer, denoiser)
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, denoiser=denoiser, scheduler=scheduler
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @staticmethod
+    def _check_components(vae, text_encoder, tokenizer, denoiser) -> None:
+        text_width = text_encoder.config.hidden_size
+        cross_width = denoiser.config.cross_attention_dim
+        if text_width != cross_width:
+            raise ValueError(
+                f"The text encoder's hidden size is {text_width} but the denoiser cross-attends to "
+                f"cross_attention_dim={cross_width}. Use a text encoder of width {cross_width}, or build/train the "
+                f"denoiser with cross_attention_dim={text_width}."
+            )
+        if vae.config.latent_channels != denoiser.config.in_channels:
+            raise ValueError(
+                f"The VAE makes {vae.config.latent_channels}-channel latents but the denoiser takes "
+                f"in_channels={denoiser.config.in_channels}; they must match."
+            )
+        if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+            raise ValueError(
+                f"tokenizer.model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
+                f"{text_encoder.config.max_position_embeddings} positions; ship a tokenizer_config.json with "
+                f"model_max_length={text_encoder.config.max_position_embeddings}."
+            )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LatentPipeline":
+        """Load from a local folder or a Hub id (``save_pretrained`` layout). Safetensors weights only.
+
+        Accepts the keyword arguments of ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, ``revision``,
+        ``local_files_only``, component overrides such as ``scheduler=...``). A missing or damaged weights file
+        raises ``OSError`` naming the file.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("ldm only loads safetensors weights (pickle checkpoints can run arbitrary code).")
+        kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError:
+            raise
+        except Exception as err:  # safetensors' header/size errors don't say which file; find it
+            bad = _find_unreadable_weights(pretrained_model_name_or_path)
+            if bad is None:
+                raise
+            raise OSError(
+                f"Cannot read the weights file {bad} ({err}). It is truncated or corrupt: re-download it or "
+                f"re-save the pipeline."
+            ) from err
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """True for a student with classifier-free guidance folded in (one denoiser forward per step)."""
+        return bool(getattr(self.denoiser.config, "guidance_embedding", False))
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0 and not self.guidance_distilled
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @property
+    def latent_multiple(self) -> int:
+        """Pixel height/width must be multiples of this: VAE factor x the denoiser's own divisor (patch size, ...)."""
+        return self.vae_scale_factor * getattr(self.denoiser, "sample_divisor", 1)
+
+    # ------------------------------------------------------------------ text
+    def _tokenize(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """list of B prompts -> input ids (B, L), attention mask (B, L); warns about truncation."""
+        max_len = self.tokenizer.model_max_length
+        for prompt, ids in zip(prompts, self.tokenizer(prompts, truncation=False, verbose=False).input_ids):
+            if len(ids) > max_len:
+                logger.warning(
+                    "The prompt %r is %d tokens long but the text encoder takes %d: the last %d tokens (%r) were "
+                    "dropped. Shorten the prompt to keep them.", prompt[:60], len(ids), max_len, len(ids) - max_len,
+                    self.tokenizer.decode(ids[max_len - 1 : -1]),
+                )
+        enc = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
+        return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Encode prompts to (B * n, L, D) embeddings and (B * n, L) masks, plus the negative branch when guiding.
+
+        ``prompt_embeds`` given without a mask attend to every token.
+        """
+        dtype = self.text_encoder.dtype
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            ids, prompt_attention_mask = self._tokenize(prompts, device)
+            prompt_embeds = self.text_encoder(ids)[0]
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
+        batch = prompt_embeds.shape[0]
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative_prompt = negative_prompt or ""
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            ids, negative_prompt_attention_mask = self._tokenize(negatives, device)
+            negative_prompt_embeds = self.text_encoder(ids)[0]
+        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
+            )
+
+        def repeat(x):
+            return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
+        return (repeat(prompt_embeds), repeat(prompt_attention_mask), repeat(negative_prompt_embeds),
+                repeat(negative_prompt_attention_mask))
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(
+        self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+        num_inference_steps, timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+    ) -> None:
+        multiple = self.latent_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(
+                f"height and width must be multiples of {multiple} (VAE factor {self.vae_scale_factor} x denoiser "
+                f"divisor {multiple // self.vae_scale_factor}); got {height}x{width}. Try "
+                f"{max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)}."
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass a `prompt` (str or list of str) or `prompt_embeds`.")
+        if prompt is not None:
+            if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in
+                                                                      ([prompt] if isinstance(prompt, str) else prompt)):
+                raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+            if not isinstance(prompt, str) and len(prompt) == 0:
+                raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch:
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but there are {batch} prompts; pass one "
+                f"negative prompt per prompt, or a single string for all."
+            )
+        if negative_prompt_embeds is not None and prompt_embeds is not None and \
+                negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise ValueError(
+                f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                f"{tuple(negative_prompt_embeds.shape)} must have the same shape."
+            )
+        if prompt_embeds is not None and prompt_embeds.shape[-1] != self.denoiser.config.cross_attention_dim:
+            raise ValueError(
+                f"`prompt_embeds` have width {prompt_embeds.shape[-1]} but the denoiser expects "
+                f"{self.denoiser.config.cross_attention_dim}."
+            )
+        if timesteps is None:
+            max_steps = self.scheduler.config.num_train_timesteps
+            if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
+                raise ValueError(
+                    f"num_inference_steps must be an integer between 1 and the {max_steps} training timesteps, "
+                    f"got {num_inference_steps!r}."
+                )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not available; "
+                f"choose from {self._callback_tensor_inputs}."
+            )
+
+    # ------------------------------------------------------------------ latents
+    def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
+        """Initial noise (B, C, H / f, W / f), scaled by the scheduler's ``init_noise_sigma``."""
+        shape = (batch_size, self.denoiser.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for {batch_size} images (prompts x num_images_per_prompt); "
+                "pass one generator per image or a single one."
+            )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    def _set_timesteps(self, num_inference_steps: int, timesteps: list[int] | None, device) -> torch.Tensor:
+        """Configure the scheduler with a step count or explicit ``timesteps``; return its (descending) timesteps."""
+        if timesteps is None:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        else:
+            if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+                raise ValueError(
+                    f"{type(self.scheduler).__name__} does not accept custom `timesteps`; pass num_inference_steps."
+                )
+            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
+        return self.scheduler.timesteps
+
+    def _scheduler_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
+        cfg = self.vae.config
+        latents = latents / cfg.scaling_factor
+        if getattr(cfg, "shift_factor", None) is not None:
+            latents = latents + cfg.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images from text.
+
+        Args:
+            prompt: one prompt or a list; ``""`` samples unconditionally.
+            height, width: image size in pixels (default: denoiser ``sample_size`` x VAE factor); multiples of
+                ``self.latent_multiple``.
+            num_inference_steps: sampling steps (default 50, or the step count a distilled scheduler was made for).
+            timesteps: explicit descending timesteps, for schedulers whose ``set_timesteps`` accepts them.
+            guidance_scale: classifier-free guidance weight s; eps = eps_u + s (eps_c - eps_u). <= 1 disables it.
+            negative_prompt: prompt(s) for the unconditional branch (default the empty caption).
+            num_images_per_prompt: images per prompt.
+            eta: DDIM eta (0 = deterministic); ignored by schedulers without it.
+            generator: torch generator(s) for reproducible noise (one per image, or one for all).
+            latents: initial noise (B * n, C, h, w) instead of drawing it.
+            prompt_embeds, negative_prompt_embeds: precomputed text embeddings (B, L, D) instead of prompts;
+                with optional (B, L) attention masks.
+            output_type: "pil", "np" (B, H, W, 3 floats in [0, 1]), "pt" (B, 3, H, W in [0, 1]) or "latent".
+            return_dict: return an ``ImagePipelineOutput`` (else a tuple).
+            guidance_rescale: phi of "Common Diffusion Noise Schedules and Sample Steps are Flawed" (0 = off).
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` called after each step;
+                returned tensors (``latents``, ``prompt_embeds``, ``negative_prompt_embeds``) replace the pipeline's.
+            callback_on_step_end_tensor_inputs: which tensors go into ``callback_kwargs`` (default ``["latents"]``).
+
+        Returns:
+            ``ImagePipelineOutput`` with ``images`` (PIL list, numpy array or tensor), or a 1-tuple.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
+        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
+        if num_inference_steps is None:
+            num_inference_steps = int(getattr(self.scheduler.config, "num_distilled_steps", None) or 50)
+        self.check_inputs(
+            prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
+            timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._interrupt = False
+        device = self._execution_device
+
+        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
+            prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask,
+        )
+        batch_size = prompt_embeds.shape[0]
+
+        timesteps = self._set_timesteps(num_inference_steps, timesteps, device)
+        latents = self.prepare_latents(batch_size, height, width, self.denoiser.dtype, device, generator, latents)
+        step_kwargs = self._scheduler_step_kwargs(generator, eta)
+        latent_channels = self.denoiser.config.in_channels
+        learned_variance = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        guidance = None
+        if self.guidance_distilled:
+            guidance = torch.full((batch_size,), float(guidance_scale), device=device)
+
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if self.do_classifier_free_guidance:
+                    context = torch.cat([negative_prompt_embeds, prompt_embeds])
+                    mask = torch.cat([negative_mask, prompt_mask])
+                    model_input = torch.cat([latents, latents])
+                else:
+                    context, mask, model_input = prompt_embeds, prompt_mask, latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
+
+                output = self.denoiser(
+                    model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,
+                    guidance=guidance, return_dict=False,
+                )[0]
+                pred, variance = output[:, :latent_channels], output[:, latent_channels:]
+                if self.do_classifier_free_guidance:
+                    pred_uncond, pred_cond = pred.chunk(2)
+                    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+                    if guidance_rescale > 0.0:
+                        pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=guidance_rescale)
+                    variance = variance.chunk(2)[1]  # the conditional branch's variance
+                if learned_variance:
+                    if variance.shape[1] != latent_channels:
+                        raise ValueError(
+                            f"The scheduler has variance_type={self.scheduler.config.variance_type!r} but the "
+                            "denoiser predicts no variance; build it with learned_sigma=True or use a fixed variance."
+                        )
+                    pred = torch.cat([pred, variance], dim=1)
+
+                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = locals()[name]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def _find_unreadable_weights(path) -> str | None:
+    """In a local pipeline folder, the first ``*.safetensors`` file whose header or size is broken."""
+    import os
+
+    from safetensors import safe_open
+
+    if not os.path.isdir(str(path)):
+        return None
+    for root, _, files in sorted(os.walk(str(path))):
+        for name in sorted(files):
+            if name.endswith(".safetensors"):
+                file = os.path.join(root, name)
+                try:
+                    with safe_open(file, framework="pt") as f:
+                        for key in f.keys():
+                            f.get_slice(key)
+                except Exception:
+                    return file
+    return None
