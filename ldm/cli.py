@@ -50,6 +50,7 @@ def generate(args: argparse.Namespace) -> Path:
     import diffusers
     import torch
     from diffusers.utils import make_image_grid
+    from packaging import version
 
     from pipelines import LatentPipeline
 
@@ -63,20 +64,19 @@ def generate(args: argparse.Namespace) -> Path:
             pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=False)
     else:
-        pipe = LatentPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name prints a FutureWarning)
+        dtype_key = "dtype" if version.parse(diffusers.__version__) >= version.parse("0.42") else "torch_dtype"
+        pipe = LatentPipeline.from_pretrained(args.model, **{dtype_key: dtype})
     if args.scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     pipe.to(device)
     if args.xformers:
         pipe.enable_xformers_memory_efficient_attention()
 
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = getattr(pipe.scheduler.config, "guidance_scale", None) or 7.5
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     start = time.perf_counter()
     images = pipe(
-        list(args.prompts), num_inference_steps=args.steps, guidance_scale=guidance,
+        list(args.prompts), num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt, num_images_per_prompt=args.num_images, generator=generator,
         height=args.height, width=args.width, eta=args.eta,
     ).images

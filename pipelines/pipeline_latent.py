@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any, Callable
 
 import torch
+from diffusers import DDPMParallelScheduler, DDPMScheduler, UnCLIPScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
@@ -92,12 +94,19 @@ class LatentPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LatentPipeline":
         """Load from a local folder or a Hub id (``save_pretrained`` layout). Safetensors weights only.
 
-        Accepts the keyword arguments of ``DiffusionPipeline.from_pretrained`` (``torch_dtype``, ``revision``,
-        ``local_files_only``, component overrides such as ``scheduler=...``). A missing or damaged weights file
-        raises ``OSError`` naming the file.
+        Accepts the keyword arguments of ``DiffusionPipeline.from_pretrained`` (``dtype``, ``revision``,
+        ``local_files_only``, component overrides such as ``scheduler=...``). A missing local folder, or a missing or
+        damaged weights file, raises ``OSError`` naming it.
         """
         if kwargs.get("use_safetensors") is False:
             raise ValueError("ldm only loads safetensors weights (pickle checkpoints can run arbitrary code).")
+        path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
+        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
+            problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+            raise OSError(
+                f"The pipeline folder {pretrained_model_name_or_path} {problem}. Pass a folder written by "
+                f"LatentPipeline.save_pretrained or a Hub id such as 'user/model'."
+            )
         kwargs["use_safetensors"] = True
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -111,6 +120,14 @@ class LatentPipeline(DiffusionPipeline):
                 f"Cannot read the weights file {bad} ({err}). It is truncated or corrupt: re-download it or "
                 f"re-save the pipeline."
             ) from err
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          weight_name: str = "pytorch_lora_weights.safetensors", **kwargs) -> None:
+        """Load LoRA adapters of the denoiser (as saved by ``train_t2i.py --lora_rank`` or
+        ``denoiser.save_lora_adapter``) from a folder, Hub id or state dict; safetensors only."""
+        kwargs.setdefault("use_safetensors", True)
+        self.denoiser.load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=None,
+                                        adapter_name=adapter_name, weight_name=weight_name, **kwargs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -290,6 +307,29 @@ class LatentPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(timesteps=timesteps, device=device)
         return self.scheduler.timesteps
 
+    def _scheduler_samples_learned_variance(self) -> bool:
+        """True when ``scheduler.step`` samples with the denoiser's learned variance: DDPM-style schedulers with
+        ``variance_type`` "learned"/"learned_range" then get the (B, 2C, h, w) [prediction, variance] output.
+
+        Other schedulers (DDIM, Euler, ... also when ``from_config`` copied a stray ``variance_type``) get the
+        prediction alone.
+        """
+        variance_type = getattr(self.scheduler.config, "variance_type", None)
+        if variance_type not in ("learned", "learned_range"):
+            return False
+        if isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)):
+            return True
+        latent_channels = self.denoiser.config.in_channels
+        if "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters and latent_channels != 3:
+            name = type(self.scheduler).__name__
+            raise ValueError(
+                f"{name} with variance_type={variance_type!r} keeps only the first 3 channels of the model output "
+                f"(diffusers assumes RGB pixels), which breaks {latent_channels}-channel latents. Create it with "
+                f"variance_type=None, e.g. {name}.from_config(pipe.scheduler.config, variance_type=None); the "
+                f"pipeline drops the learned variance for schedulers that do not sample with it."
+            )
+        return False
+
     def _scheduler_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
         params = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
@@ -299,6 +339,7 @@ class LatentPipeline(DiffusionPipeline):
             kwargs["generator"] = generator
         return kwargs
 
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
         cfg = self.vae.config
@@ -316,7 +357,7 @@ class LatentPipeline(DiffusionPipeline):
         width: int | None = None,
         num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -341,6 +382,7 @@ class LatentPipeline(DiffusionPipeline):
             num_inference_steps: sampling steps (default 50, or the step count a distilled scheduler was made for).
             timesteps: explicit descending timesteps, for schedulers whose ``set_timesteps`` accepts them.
             guidance_scale: classifier-free guidance weight s; eps = eps_u + s (eps_c - eps_u). <= 1 disables it.
+                Default: the scheduler's ``guidance_scale`` (guidance-distilled students record theirs), else 7.5.
             negative_prompt: prompt(s) for the unconditional branch (default the empty caption).
             num_images_per_prompt: images per prompt.
             eta: DDIM eta (0 = deterministic); ignored by schedulers without it.
@@ -369,6 +411,8 @@ class LatentPipeline(DiffusionPipeline):
             prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
             timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
         )
+        if guidance_scale is None:
+            guidance_scale = getattr(self.scheduler.config, "guidance_scale", None) or 7.5
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._interrupt = False
@@ -384,7 +428,7 @@ class LatentPipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch_size, height, width, self.denoiser.dtype, device, generator, latents)
         step_kwargs = self._scheduler_step_kwargs(generator, eta)
         latent_channels = self.denoiser.config.in_channels
-        learned_variance = getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        learned_variance = self._scheduler_samples_learned_variance()
         guidance = None
         if self.guidance_distilled:
             guidance = torch.full((batch_size,), float(guidance_scale), device=device)
@@ -446,8 +490,6 @@ class LatentPipeline(DiffusionPipeline):
 
 def _find_unreadable_weights(path) -> str | None:
     """In a local pipeline folder, the first ``*.safetensors`` file whose header or size is broken."""
-    import os
-
     from safetensors import safe_open
 
     if not os.path.isdir(str(path)):

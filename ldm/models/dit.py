@@ -27,7 +27,15 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .common import ConditionEmbedding, DenoiserOutput, broadcast_timestep, mask_to_bias
+from .common import (
+    ConditionEmbedding,
+    DenoiserAttnProcessor,
+    DenoiserOutput,
+    broadcast_timestep,
+    drop_padding,
+    feed_forward,
+    mask_to_bias,
+)
 
 #: DiT model sizes (depth, hidden size, heads), from Peebles & Xie, Table 1. Patch sizes 2, 4, 8.
 DIT_SIZES: dict[str, dict[str, int]] = {
@@ -49,8 +57,8 @@ def dit_size_config(name: str) -> dict[str, int]:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), shift/scale (B, 1, D)."""
-    return x * (1 + scale) + shift
+    """x (B, N, D), shift/scale (B, 1, D) -> x * (1 + scale) + shift, in one pass over x."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class DiTBlock(nn.Module):
@@ -59,9 +67,9 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, adaln: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True, processor=DenoiserAttnProcessor())
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True)
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True, processor=DenoiserAttnProcessor())
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
         if adaln == "single":  # PixArt: shared projection + per-block learned offsets
@@ -75,9 +83,9 @@ class DiTBlock(nn.Module):
         else:
             mod = self.adaLN_modulation(cond).unflatten(1, (6, -1))  # cond: (B, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, D)
-        x = x + gate1 * self.attn1(modulate(self.norm1(x), shift1, scale1))
+        x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1)))  # x + gate1 * attn
         x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias)
-        return x + gate2 * self.ff(modulate(self.norm3(x), shift2, scale2))
+        return torch.addcmul(x, gate2, feed_forward(self.ff, modulate(self.norm3(x), shift2, scale2)))
 
 
 class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
@@ -118,6 +126,9 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         super().__init__()
         if adaln not in ("zero", "single"):
             raise ValueError(f"adaln must be 'zero' or 'single', got {adaln!r}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size={sample_size} (latent side) is not a multiple of patch_size={patch_size}; "
+                             f"use a larger resolution or a smaller patch.")
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}")
         out_channels = out_channels or (2 * in_channels if learned_sigma else in_channels)
@@ -205,12 +216,14 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         gh, gw = h // p, w // p
         default_grid = self.config.sample_size // p
         pos = self.pos_embed if gh == gw == default_grid else self._sincos(gh, gw).to(sample.device)
-        x = self.patch_embed(sample).flatten(2).transpose(1, 2) + pos.to(sample.dtype)  # (B, N, D)
+        # (B, N, D), made contiguous once: a transposed residual stream would make every LayerNorm copy it
+        x = self.patch_embed(sample).flatten(2).transpose(1, 2).contiguous() + pos.to(sample.dtype)
 
         timestep = broadcast_timestep(timestep, b, sample.device)
         temb = self.time_embed(timestep, guidance, sample.dtype)  # (B, D)
-        context = self.caption_projection(encoder_hidden_states)  # (B, L, D)
-        bias = mask_to_bias(encoder_attention_mask, sample.dtype)
+        encoder_hidden_states, encoder_attention_mask = drop_padding(encoder_hidden_states, encoder_attention_mask)
+        context = self.caption_projection(encoder_hidden_states)  # (B, L', D), L' <= L: all-padding tail dropped
+        bias = mask_to_bias(encoder_attention_mask, sample.dtype)  # (B, 1, L')
         if self.config.adaln == "single":
             cond = self.adaln_single(temb).unflatten(1, (6, -1))  # (B, 6, D)
             shift, scale = (self.final_scale_shift_table[None] + temb[:, None]).unsqueeze(2).unbind(1)

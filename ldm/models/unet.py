@@ -27,7 +27,15 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .common import ConditionEmbedding, DenoiserOutput, broadcast_timestep, mask_to_bias
+from .common import (
+    ConditionEmbedding,
+    DenoiserAttnProcessor,
+    DenoiserOutput,
+    broadcast_timestep,
+    drop_padding,
+    feed_forward,
+    mask_to_bias,
+)
 
 
 class ResBlock(nn.Module):
@@ -46,7 +54,7 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.time_emb_proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # GN(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -57,16 +65,17 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, dropout=dropout)
+        self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, dropout=dropout, processor=DenoiserAttnProcessor())
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, cross_attention_dim=context_dim, heads=heads, dim_head=head_dim, dropout=dropout)
+        self.attn2 = Attention(dim, cross_attention_dim=context_dim, heads=heads, dim_head=head_dim, dropout=dropout,
+                               processor=DenoiserAttnProcessor())
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn="geglu")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias)
-        return x + self.ff(self.norm3(x))
+        return x + feed_forward(self.ff, self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -250,7 +259,8 @@ class UNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             )
         timestep = broadcast_timestep(timestep, b, sample.device)
         temb = self.time_embed(timestep, guidance, sample.dtype)
-        bias = mask_to_bias(encoder_attention_mask, sample.dtype)
+        encoder_hidden_states, encoder_attention_mask = drop_padding(encoder_hidden_states, encoder_attention_mask)
+        bias = mask_to_bias(encoder_attention_mask, sample.dtype)  # (B, 1, L'), L' <= L: all-padding tail dropped
 
         x = self.conv_in(sample)
         skips = [x]

@@ -1,0 +1,151 @@
+"""Bad input fails early with a clear error that names the problem (DEVELOPERS.md, principle 3)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from ldm.tiny import tiny_components, tiny_dit, tiny_text_encoder
+from pipelines import LatentPipeline
+
+from conftest import sample, with_components
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+@pytest.mark.parametrize("height, width", [(40, 32), (32, 36), (20, 20)])
+def test_size_not_multiple_of_vae_factor_times_divisor(pipe, height, width):
+    # tiny VAE factor 8 x (U-Net: one halving -> 2 | DiT: patch size 2) = 16
+    assert pipe.latent_multiple == 16
+    with pytest.raises(ValueError, match=rf"multiples of 16 .*got {height}x{width}"):
+        sample(pipe, height=height, width=width)
+
+
+def test_size_uses_dit_patch_size(unet_pipe):
+    dit4 = with_components(unet_pipe, denoiser=tiny_dit(patch_size=4))
+    assert dit4.latent_multiple == 32
+    with pytest.raises(ValueError, match=r"multiples of 32 \(VAE factor 8 x denoiser divisor 4\); got 48x32"):
+        sample(dit4, height=48, width=32)
+    assert sample(dit4, height=64, width=32).shape == (1, 64, 32, 3)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def test_empty_prompt_list(pipe):
+    with pytest.raises(ValueError, match="empty list"):
+        sample(pipe, prompt=[])
+
+
+def test_prompt_must_be_text(pipe):
+    with pytest.raises(ValueError, match="str or a list of str"):
+        sample(pipe, prompt=["a red fox", 3])
+    with pytest.raises(ValueError, match=r"Pass a `prompt` .* or `prompt_embeds`"):
+        sample(pipe, prompt=None)
+
+
+def test_negative_prompt_batch_mismatch(pipe):
+    with pytest.raises(ValueError, match="`negative_prompt` has 3 entries but there are 2 prompts"):
+        sample(pipe, prompt=["a red fox", "a blue square"], negative_prompt=["a", "b", "c"])
+
+
+def test_long_prompt_truncated_with_warning(pipe, caplog):
+    max_len = pipe.tokenizer.model_max_length  # 77 = <start> + 75 words + <end>
+    assert max_len == 77
+    long_prompt = " ".join(["red"] * 75 + ["fox"] * 10)  # every word is one token
+    assert len(pipe.tokenizer(long_prompt).input_ids) == 87
+    kept_prompt = " ".join(["red"] * 75)
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.pipeline_latent"):
+        long_image = sample(pipe, prompt=long_prompt, guidance_scale=5.0)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "pipelines.pipeline_latent"]
+    assert len(warnings) == 1, warnings
+    assert "87 tokens" in warnings[0] and "the last 10 tokens" in warnings[0] and "fox" in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.pipeline_latent"):
+        kept_image = sample(pipe, prompt=kept_prompt, guidance_scale=5.0)
+    assert not [r for r in caplog.records if r.name == "pipelines.pipeline_latent"]  # exactly 77 tokens fit
+    np.testing.assert_array_equal(long_image, kept_image)
+
+
+# ---------------------------------------------------------------------------------------------- steps / outputs
+@pytest.mark.parametrize("steps", [0, -1, 1001])
+def test_num_inference_steps_out_of_range(pipe, steps):
+    with pytest.raises(ValueError, match=rf"num_inference_steps must be an integer between 1 and the 1000 .*{steps}"):
+        sample(pipe, num_inference_steps=steps)
+
+
+def test_num_inference_steps_bounds_are_valid(pipe):
+    assert sample(pipe, num_inference_steps=1).shape == (1, 32, 32, 3)
+
+
+def test_bad_output_type(pipe):
+    with pytest.raises(ValueError, match="output_type must be one of"):
+        sample(pipe, output_type="jpeg")
+
+
+# ---------------------------------------------------------------------------------------------- components
+def test_text_encoder_width_mismatch_at_construction():
+    components = tiny_components("unet")
+    components["text_encoder"] = tiny_text_encoder(components["tokenizer"], hidden_size=48)
+    with pytest.raises(ValueError, match="hidden size is 48 but the denoiser cross-attends to cross_attention_dim=32"):
+        LatentPipeline(**components)
+
+
+def test_text_encoder_width_mismatch_at_load(saved_pipes, unet_pipe, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipes["unet"], folder)
+    shutil.rmtree(folder / "text_encoder")
+    tiny_text_encoder(unet_pipe.tokenizer, hidden_size=48).save_pretrained(folder / "text_encoder")
+    with pytest.raises(ValueError, match="hidden size is 48 but the denoiser cross-attends to cross_attention_dim=32"):
+        LatentPipeline.from_pretrained(folder)
+
+
+WEIGHT_FILES = [
+    os.path.join("denoiser", "diffusion_pytorch_model.safetensors"),
+    os.path.join("text_encoder", "model.safetensors"),
+    os.path.join("vae", "diffusion_pytorch_model.safetensors"),
+]
+
+
+@pytest.mark.parametrize("weights", WEIGHT_FILES)
+def test_truncated_weights_file_raises_oserror_naming_it(saved_pipes, tmp_path, weights):
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipes["unet"], folder)
+    path = folder / weights
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError) as info:
+        LatentPipeline.from_pretrained(folder)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("weights", WEIGHT_FILES)
+def test_missing_weights_file_raises_oserror_naming_it(saved_pipes, tmp_path, weights):
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipes["unet"], folder)
+    (folder / weights).unlink()
+    with pytest.raises(OSError) as info:
+        LatentPipeline.from_pretrained(folder)
+    message = str(info.value)
+    assert os.path.basename(weights) in message and str(folder / os.path.dirname(weights)) in message
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "file"])
+def test_missing_pipeline_folder(saved_pipes, tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    path = {"absolute": str(tmp_path / "no-such-model"), "relative": "./no-such-model",
+            "file": os.path.join(saved_pipes["unet"], "model_index.json")}[where]
+    problem = "is a file, not a folder" if where == "file" else "does not exist"
+    with pytest.raises(OSError, match=re.escape(f"The pipeline folder {path} {problem}")):
+        LatentPipeline.from_pretrained(path)
+
+
+def test_pickle_weights_refused(saved_pipes):
+    with pytest.raises(ValueError, match="only loads safetensors"):
+        LatentPipeline.from_pretrained(saved_pipes["unet"], use_safetensors=False)
