@@ -1,0 +1,1 @@
+"""Evaluation helpers: deterministic analysis of generated images."""
