@@ -5,7 +5,16 @@ Importing this package imports every model and scheduler module, which is what l
 """
 
 from .models import DIT_SIZES, DenoiserOutput, DiTModel, UNetModel, dit_size_config
+from .schedulers import ProgressiveDistillationScheduler
 
 __version__ = "0.1.0"
 
-__all__ = ["DIT_SIZES", "DenoiserOutput", "DiTModel", "UNetModel", "dit_size_config", "__version__"]
+__all__ = [
+    "DIT_SIZES",
+    "DenoiserOutput",
+    "DiTModel",
+    "ProgressiveDistillationScheduler",
+    "UNetModel",
+    "dit_size_config",
+    "__version__",
+]

@@ -1,0 +1,122 @@
+"""Atomic, rotating training checkpoints on top of ``accelerator.save_state`` / ``load_state``.
+
+A checkpoint is written to ``<output_dir>/.tmp-checkpoint-<step>`` by every process, completed with a
+``training_state.json`` (written last, fsynced), and only then renamed to ``checkpoint-<step>``: a run killed at any
+moment (even SIGKILL mid-save) leaves either the previous complete checkpoints or the new one, never a half-written
+``checkpoint-*``. Old checkpoints are pruned only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "training_state.json"
+# Fault injection for tests: SIGKILL this process mid-save (after the state is written, before the rename).
+_KILL_DURING_SAVE_ENV = "LDM_TEST_SIGKILL_DURING_SAVE_AT_STEP"
+
+
+def _step_of(path: Path) -> int:
+    match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) >= 0 and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict,
+                    total_limit: int | None = None) -> Path:
+    """Save the accelerator state (models, optimizers, schedulers, RNG, registered objects) plus ``state``.
+
+    Must be called on every process. Returns the final ``checkpoint-<step>`` path.
+    """
+    root = Path(output_dir)
+    tmp, final = root / f"{TMP_PREFIX}{step}", root / f"{PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.environ.get(_KILL_DURING_SAVE_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        _fsync_write(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=2))
+        if final.exists():  # re-saving a step (e.g. after resuming): keep the old one until the new one is in place
+            old = root / f"{TMP_PREFIX}{step}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if total_limit is not None:
+            for old in list_checkpoints(root)[:-total_limit]:
+                logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_incomplete(output_dir: str | os.PathLike) -> None:
+    """Delete leftovers of interrupted saves (main process only)."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for leftover in root.glob(f"{TMP_PREFIX}*"):
+            logger.warning("Removing %s, left by a save that did not finish.", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
+    """``"latest"`` -> newest complete checkpoint in ``output_dir`` (None when there is none); a path -> that path,
+    checked to be a complete checkpoint."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
+            return None
+        return found[-1]
+    path = Path(resume_from)
+    if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
+        path = Path(output_dir) / resume_from
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from}: {path} is not a complete checkpoint (no {STATE_FILE}). "
+            f"Complete ones: {[p.name for p in list_checkpoints(output_dir)] or 'none'}."
+        )
+    return path
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
+    """Restore the accelerator state saved by ``save_checkpoint``; returns the saved ``state`` dict."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / STATE_FILE).read_text())

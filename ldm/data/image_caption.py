@@ -1,0 +1,206 @@
+"""Image-caption data for training: loading (Hub, local script, imagefolder, built-in), bad-row handling, transforms.
+
+Rows without a usable caption or with an image PIL cannot decode are dropped and counted, never a crash mid-run:
+
+* map-style data sets are checked once up front (``drop_bad_rows``; the result is cached by ``datasets``);
+* streaming data sets are checked lazily, and the counts travel with the batches (``skipped_*`` fields).
+
+Images become ``pixel_values`` (3, R, R) in [-1, 1]: shorter side resized to R, centre-cropped. Random horizontal
+flips are left to the training step, which draws them from its own seeded generator (so a resumed run repeats them).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("no_caption", "bad_image")
+_CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
+BUILTIN_DATASETS = ("shapes",)
+
+
+@dataclass
+class DataArgs:
+    """Where the data comes from and how images are prepared (mirrors the training script's flags)."""
+
+    dataset_name: str | None = None
+    dataset_config_name: str | None = None
+    train_data_dir: str | None = None
+    image_column: str | None = None
+    caption_column: str | None = None
+    streaming: bool = False
+    max_train_samples: int | None = None
+    resolution: int = 256
+    cache_dir: str | None = None
+    seed: int = 0
+    shuffle_buffer_size: int = 1000
+
+
+def load_raw_dataset(args: DataArgs, split: str = "train"):
+    """The data set (map-style or streaming) with its image column left undecoded, and the resolved column names."""
+    import datasets
+
+    if args.dataset_name in BUILTIN_DATASETS:
+        from .shapes import load_shapes_dataset
+
+        ds = load_shapes_dataset(split=split, num_samples=args.max_train_samples or 10_000,
+                                 resolution=args.resolution, seed=args.seed)
+        if args.streaming:
+            ds = ds.to_iterable_dataset()
+    elif args.dataset_name is not None:
+        ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split,
+                                   cache_dir=args.cache_dir, streaming=args.streaming)
+    elif args.train_data_dir is not None:
+        ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split=split,
+                                   cache_dir=args.cache_dir, streaming=args.streaming)
+    else:
+        raise ValueError("Give the training data: --dataset_name (Hub id, local dataset folder/script or 'shapes') "
+                         "or --train_data_dir (an imagefolder with a metadata.jsonl of captions).")
+
+    columns = list(ds.features) if ds.features is not None else list(next(iter(ds)).keys())
+    image_column = args.image_column or next(
+        (c for c in columns if isinstance((ds.features or {}).get(c), datasets.Image)), "image")
+    caption_column = args.caption_column or next((c for c in _CAPTION_COLUMNS if c in columns), None)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in columns:
+            raise ValueError(f"{flag}: no column {column!r} in the data set; its columns are {columns}.")
+    if isinstance((ds.features or {}).get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    if args.max_train_samples is not None and args.dataset_name not in BUILTIN_DATASETS:
+        ds = ds.take(args.max_train_samples) if args.streaming else \
+            ds.select(range(min(args.max_train_samples, len(ds))))
+    return ds, image_column, caption_column
+
+
+def pick_caption(value) -> str | None:
+    """A row's caption: a non-empty string, or the first non-empty one of a list; None when there is none."""
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def decode_image(value) -> Image.Image:
+    """An undecoded ``datasets.Image`` value ({"bytes", "path"}), a PIL image or a path -> RGB PIL image.
+
+    Raises OSError/ValueError (PIL's errors) when the image cannot be decoded.
+    """
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise ValueError(f"not an image: {type(value).__name__}")
+    image.load()
+    return image.convert("RGB")
+
+
+def row_problem(image_value, caption_value) -> str | None:
+    """Why a row cannot be trained on ("no_caption", "bad_image"), or None when it is fine."""
+    if pick_caption(caption_value) is None:
+        return "no_caption"
+    try:
+        decode_image(image_value)
+    except Exception:  # PIL raises many types for broken files
+        return "bad_image"
+    return None
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """RGB PIL image -> (3, R, R) float tensor in [-1, 1]: shorter side resized to R (bicubic), centre crop."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def drop_bad_rows(ds, image_column: str, caption_column: str, num_proc: int | None = None):
+    """Map-style data set -> (data set without bad rows, Counter of skipped rows by reason). Logs the counts."""
+    def problems(batch):
+        return {"_problem": [row_problem(img, cap) or "" for img, cap in
+                             zip(batch[image_column], batch[caption_column])]}
+
+    checked = ds.map(problems, batched=True, num_proc=num_proc, desc="Checking rows")
+    counts = Counter(p for p in checked["_problem"] if p)
+    kept = checked.filter(lambda p: not p, input_columns="_problem", num_proc=num_proc).remove_columns("_problem")
+    log_skipped(counts, total=len(ds))
+    return kept, counts
+
+
+def log_skipped(counts: Counter, total: int | None = None) -> None:
+    if sum(counts.values()):
+        of = f" of {total}" if total is not None else ""
+        logger.warning("Skipped %d rows%s: %d without a caption, %d with an undecodable image.",
+                       sum(counts.values()), of, counts["no_caption"], counts["bad_image"])
+
+
+class StreamingRowFilter:
+    """Batched ``IterableDataset.map`` function: drops bad rows and attaches the counts to the next good row.
+
+    Adds ``skipped_no_caption`` / ``skipped_bad_image`` int columns; summing them over the batches a process sees gives
+    its number of dropped rows (rows dropped after the last good row are not reported).
+    """
+
+    def __init__(self, image_column: str, caption_column: str):
+        self.image_column, self.caption_column = image_column, caption_column
+        self.pending = Counter()
+
+    def __call__(self, batch: dict) -> dict:
+        keep = []
+        for i, (img, cap) in enumerate(zip(batch[self.image_column], batch[self.caption_column])):
+            problem = row_problem(img, cap)
+            if problem:
+                self.pending[problem] += 1
+            else:
+                keep.append(i)
+        out = {k: [v[i] for i in keep] for k, v in batch.items()}
+        for reason in SKIP_REASONS:
+            out[f"skipped_{reason}"] = [0] * len(keep)
+            if keep:
+                out[f"skipped_{reason}"][0] = self.pending.pop(reason, 0)
+        return out
+
+
+class ImageCaptionCollator:
+    """List of rows -> {"pixel_values": (B, 3, R, R), "captions": [B str], "skipped_*": (B,) counts}."""
+
+    def __init__(self, image_column: str, caption_column: str, resolution: int):
+        self.image_column, self.caption_column, self.resolution = image_column, caption_column, resolution
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = {
+            "pixel_values": torch.stack([image_to_tensor(decode_image(r[self.image_column]), self.resolution)
+                                         for r in rows]),
+            "captions": [pick_caption(r[self.caption_column]) for r in rows],
+        }
+        for reason in SKIP_REASONS:
+            batch[f"skipped_{reason}"] = torch.tensor([int(r.get(f"skipped_{reason}", 0)) for r in rows])
+        return batch
+
+
+def prepare_training_dataset(args: DataArgs, num_proc: int | None = None):
+    """Load, check and shuffle-ready the data: returns (data set, collator, Counter of up-front skipped rows)."""
+    ds, image_column, caption_column = load_raw_dataset(args)
+    if args.streaming:
+        ds = ds.map(StreamingRowFilter(image_column, caption_column), batched=True, batch_size=64)
+        ds = ds.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
+        counts = Counter()
+    else:
+        ds, counts = drop_bad_rows(ds, image_column, caption_column, num_proc=num_proc)
+        if len(ds) == 0:
+            raise ValueError("No usable rows: every row lacks a caption or has an undecodable image.")
+    return ds, ImageCaptionCollator(image_column, caption_column, args.resolution), counts

@@ -1,0 +1,89 @@
+"""Precompute VAE latents and text embeddings once, so later epochs never run the frozen models.
+
+The cache is an Arrow file written by ``datasets.Dataset.map`` (memory-mapped, reused across runs with the same data,
+VAE, text encoder and resolution). Each row holds:
+
+    latent_params       (2C, h, w)  the VAE posterior's [mean, logvar]: training draws z = mean + std * eps each step
+                                    from its own generator (``--cache_latents_mode posterior``) or uses the mean
+    latent_params_flip  (2C, h, w)  the same for the horizontally flipped image (only with random flips)
+    prompt_embeds       (L, D)      text-encoder tokens of the caption
+    prompt_mask         (L,)        its attention mask
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+from datasets import Array2D, Array3D, Features, Sequence, Value
+
+from .image_caption import ImageCaptionCollator
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B captions -> tokens (B, L, D) of the text encoder's last layer and the (B, L) attention mask."""
+    enc = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    ids = enc.input_ids.to(text_encoder.device)
+    return text_encoder(ids)[0], enc.attention_mask.to(text_encoder.device)
+
+
+def _fingerprint(ds, vae, text_encoder, tokenizer, resolution: int, flip: bool) -> str:
+    parts = [ds._fingerprint, json.dumps(vae.config, sort_keys=True, default=str),
+             json.dumps(text_encoder.config.to_dict(), sort_keys=True, default=str), str(len(tokenizer)),
+             str(tokenizer.model_max_length), str(resolution), str(flip),
+             str(sum(float(p.double().sum()) for p in vae.parameters())),
+             str(sum(float(p.double().sum()) for p in text_encoder.parameters()))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def cache_latents_and_text(ds, collator: ImageCaptionCollator, vae, text_encoder, tokenizer, cache_dir: str,
+                           random_flip: bool, batch_size: int = 16):
+    """Map-style data set of checked rows -> the cached data set described in the module docstring."""
+    os.makedirs(cache_dir, exist_ok=True)
+    fingerprint = _fingerprint(ds, vae, text_encoder, tokenizer, collator.resolution, random_flip)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    c, hw = 2 * vae.config.latent_channels, collator.resolution // factor
+    length, width = tokenizer.model_max_length, text_encoder.config.hidden_size
+    features = {
+        "latent_params": Array3D((c, hw, hw), "float32"),
+        "prompt_embeds": Array2D((length, width), "float32"),
+        "prompt_mask": Sequence(Value("int8"), length=length),
+    }
+    if random_flip:
+        features["latent_params_flip"] = Array3D((c, hw, hw), "float32")
+
+    def encode(batch):
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        data = collator(rows)
+        pixels = data["pixel_values"].to(vae.device, vae.dtype)
+        out = {"latent_params": vae.encode(pixels).latent_dist.parameters.float().cpu().numpy()}
+        if random_flip:
+            out["latent_params_flip"] = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu().numpy()
+        embeds, mask = encode_text(tokenizer, text_encoder, data["captions"])
+        out["prompt_embeds"] = embeds.float().cpu().numpy()
+        out["prompt_mask"] = mask.cpu().numpy().astype(np.int8)
+        return out
+
+    return ds.map(
+        encode, batched=True, batch_size=batch_size, remove_columns=ds.column_names, features=Features(features),
+        cache_file_name=os.path.join(cache_dir, f"latents-{fingerprint}.arrow"), new_fingerprint=fingerprint,
+        desc="Caching latents and text embeddings",
+    ).with_format("torch")
+
+
+def sample_latents(params: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """VAE posterior parameters (B, 2C, h, w) = [mean, logvar] -> latents (B, C, h, w), unscaled.
+
+    ``mode="mean"`` returns the mean; ``"posterior"`` draws mean + std * eps with ``generator`` (CPU), the same
+    draw whether the parameters come from the cache or from the VAE on the fly.
+    """
+    mean, logvar = params.float().chunk(2, dim=1)
+    if mode == "mean":
+        return mean
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)

@@ -1,0 +1,415 @@
+#!/usr/bin/env python
+"""Train a text-to-image latent diffusion denoiser (U-Net or DiT) with accelerate.
+
+    accelerate launch training/train_t2i.py \
+        --pretrained_model_name_or_path <pipeline with vae/ text_encoder/ tokenizer/> --denoiser dit \
+        --denoiser_config dit-b/2 --dataset_name <hub id> --resolution 256 --train_batch_size 32 \
+        --prediction_type v_prediction --snr_gamma 5 --cache_latents --use_ema --output_dir out
+
+Runs unchanged on one CPU (``python training/train_t2i.py ...``) and on many GPUs/machines (DDP, FSDP, DeepSpeed
+via ``accelerate config``). The VAE and text encoder stay frozen; only the denoiser (or its LoRA adapters) trains.
+Every random draw of a step (timesteps, noise, flips, caption dropout, posterior samples) comes from a generator
+seeded by (seed, micro-step, process), so a resumed run continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("train_t2i")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("models")
+    g.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="pipeline folder or Hub id giving vae/, text_encoder/, tokenizer/ (and denoiser/ to fine-tune)")
+    g.add_argument("--vae", default=None, help="AutoencoderKL folder or Hub id (overrides the pipeline's)")
+    g.add_argument("--text_encoder", default=None, help="CLIPTextModel folder or Hub id (overrides the pipeline's)")
+    g.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: --text_encoder's, else the pipeline's)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--denoiser", choices=["unet", "dit"], default=None,
+                   help="train a new denoiser of this kind from scratch (default: fine-tune the pipeline's)")
+    g.add_argument("--denoiser_config", default=None,
+                   help="config.json of the new denoiser, or a DiT size name such as dit-s/2")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub id, local dataset folder/script, or 'shapes' (built in)")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="imagefolder with a metadata.jsonl of captions")
+    g.add_argument("--image_column", default=None)
+    g.add_argument("--caption_column", default=None)
+    g.add_argument("--streaming", action="store_true", help="stream the data set (needs --max_train_steps)")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=256)
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--cache_dir", default=None, help="datasets cache folder")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--cache_latents", action="store_true",
+                   help="precompute VAE latents and text embeddings once (map-style data only)")
+    g.add_argument("--cache_latents_mode", choices=["posterior", "mean"], default="posterior",
+                   help="train on posterior samples (fresh each step) or on the posterior mean")
+    g.add_argument("--latents_cache_dir", default=None, help="where the cache goes (default: <output_dir>/cache)")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--num_train_timesteps", type=int, default=1000)
+    g.add_argument("--beta_schedule", choices=["linear", "scaled_linear", "squaredcos_cap_v2"], default="linear")
+    g.add_argument("--beta_start", type=float, default=1e-4)
+    g.add_argument("--beta_end", type=float, default=0.02)
+    g.add_argument("--rescale_betas_zero_snr", action="store_true")
+    g.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"], default="epsilon")
+    g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5 is typical)")
+    g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--learned_variance", action="store_true",
+                   help="learn the reverse-process variance (learned range) with the hybrid loss of improved DDPM")
+    g.add_argument("--vlb_weight", type=float, default=1e-3, help="lambda of L_simple + lambda L_vlb")
+    g.add_argument("--caption_dropout", type=float, default=0.1,
+                   help="probability of an empty caption, for classifier-free guidance")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=16, help="per device")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides epochs")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--scale_lr", action="store_true", help="multiply the lr by batch x accumulation x processes")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (GPU)")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--use_ema", action="store_true")
+    g.add_argument("--ema_decay", type=float, default=0.9999)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: accelerate config's")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--lora_rank", type=int, default=None,
+                   help="train only LoRA adapters of this rank on the denoiser's attention projections")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="ldm-model")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--validation_prompts", nargs="*", default=None)
+    g.add_argument("--validation_steps", type=int, default=500)
+    g.add_argument("--validation_inference_steps", type=int, default=25)
+    g.add_argument("--validation_guidance_scale", type=float, default=5.0)
+    g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    g.add_argument("--logging_dir", default="logs")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--hub_token", default=None, help="Hub token (default: the logged-in one); never written to disk")
+    g.add_argument("--license", default="apache-2.0")
+    args = p.parse_args(argv)
+    _check_args(args)
+    return args
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("Give --dataset_name or --train_data_dir.")
+    if args.pretrained_model_name_or_path is None and (args.vae is None or args.text_encoder is None):
+        raise ValueError("Give --pretrained_model_name_or_path, or both --vae and --text_encoder.")
+    if args.denoiser is None and args.pretrained_model_name_or_path is None:
+        raise ValueError("Say which denoiser to train from scratch (--denoiser unet|dit), or fine-tune the one in "
+                         "--pretrained_model_name_or_path.")
+    if args.streaming and args.max_train_steps is None:
+        raise ValueError("--streaming data has no length: give --max_train_steps.")
+    if args.streaming and args.cache_latents:
+        raise ValueError("--cache_latents needs a map-style data set; drop --streaming or --cache_latents.")
+    if args.lora_rank is not None and args.denoiser is not None:
+        raise ValueError("--lora_rank fine-tunes an existing denoiser: drop --denoiser and pass "
+                         "--pretrained_model_name_or_path.")
+    if args.lora_rank is not None and args.use_ema:
+        raise ValueError("--use_ema with --lora_rank is not supported; train LoRA without EMA.")
+    if args.learned_variance and args.lora_rank is not None:
+        raise ValueError("--learned_variance changes the denoiser's output layer; it cannot be trained with LoRA.")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+
+
+# ---------------------------------------------------------------------------------------------------- components
+def build_denoiser(args, vae, text_encoder):
+    """A new denoiser sized for these latents and text tokens, or the pipeline's own denoiser."""
+    import ldm
+    from ldm.training_utils import load_pipeline_denoiser
+
+    if args.denoiser is None:
+        denoiser = load_pipeline_denoiser(args.pretrained_model_name_or_path, args.revision)
+        if args.learned_variance and not denoiser.config.learned_sigma:
+            raise ValueError("--learned_variance needs a denoiser with learned_sigma=True; this one has none.")
+    else:
+        cls = ldm.UNetModel if args.denoiser == "unet" else ldm.DiTModel
+        config: dict = {}
+        if args.denoiser_config and os.path.isfile(args.denoiser_config):
+            config = {k: v for k, v in json.loads(Path(args.denoiser_config).read_text()).items()
+                      if not k.startswith("_")}
+        elif args.denoiser_config:
+            if args.denoiser != "dit":
+                raise ValueError(f"--denoiser_config {args.denoiser_config!r} is not a file; size names are for DiT.")
+            config = ldm.dit_size_config(args.denoiser_config)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if args.resolution % factor:
+            raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {factor}.")
+        config.update(sample_size=args.resolution // factor, in_channels=vae.config.latent_channels,
+                      cross_attention_dim=text_encoder.config.hidden_size, learned_sigma=args.learned_variance,
+                      out_channels=None)
+        denoiser = cls(**config)
+    width = text_encoder.config.hidden_size
+    if denoiser.config.cross_attention_dim != width:
+        raise ValueError(f"The denoiser cross-attends to width {denoiser.config.cross_attention_dim} but the text "
+                         f"encoder is {width} wide.")
+    return denoiser
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> Path:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ldm.checkpointing import remove_incomplete
+    from ldm.data.image_caption import DataArgs, log_skipped
+    from ldm.data.latent_cache import encode_text
+    from ldm.losses import diffusion_loss
+    from ldm.schedules import training_scheduler
+    from ldm.train_loop import LoopConfig, run_training
+    from ldm.training_utils import (
+        LatentBatcher, check_in_sync, load_frozen_components, make_accelerator, make_optimizer,
+        make_train_dataloader, weight_dtype_of,
+    )
+
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
+                                   args.report_to, args.logging_dir, args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(output_dir)
+
+    # ---- models
+    vae, text_encoder, tokenizer = load_frozen_components(
+        args.pretrained_model_name_or_path, args.vae, args.text_encoder, args.tokenizer, args.revision)
+    denoiser = build_denoiser(args, vae, text_encoder)
+    noise_scheduler = training_scheduler(
+        args.num_train_timesteps, args.beta_schedule, args.beta_start, args.beta_end, args.prediction_type,
+        args.rescale_betas_zero_snr, args.learned_variance)
+    weight_dtype = weight_dtype_of(accelerator)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    if args.lora_rank is not None:
+        from peft import LoraConfig
+
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                        init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser),
+                       model_config=denoiser.config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    # ---- data
+    data_args = DataArgs(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                         args.caption_column, args.streaming, args.max_train_samples, args.resolution,
+                         args.cache_dir, args.seed)
+    loader, skipped = make_train_dataloader(
+        accelerator, data_args, vae, text_encoder, tokenizer, args.train_batch_size, args.cache_latents,
+        args.latents_cache_dir or str(output_dir / "cache"), args.random_flip, args.dataloader_num_workers)
+    batcher = LatentBatcher(vae, text_encoder, tokenizer, args.random_flip, args.cache_latents_mode)
+    with torch.no_grad():
+        empty_embeds, empty_mask = encode_text(tokenizer, text_encoder, [""])
+
+    # ---- optimisation
+    lr = args.learning_rate
+    if args.scale_lr:
+        lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(params, lr, args.use_8bit_adam, (args.adam_beta1, args.adam_beta2),
+                               args.adam_weight_decay, args.adam_epsilon)
+    if args.max_train_steps is None:
+        batches_per_process = math.ceil(len(loader) / accelerator.num_processes)
+        max_train_steps = args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    else:
+        max_train_steps = args.max_train_steps
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
+
+    if accelerator.is_main_process:
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                  for k, v in vars(args).items() if k != "hub_token"}
+        accelerator.init_trackers("train_t2i", config=config)
+        (output_dir / "training_args.json").write_text(json.dumps(config, indent=2))
+
+    unwrapped = accelerator.unwrap_model(denoiser)
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("Training %s (%.1fM trainable parameters) for %d steps, %d images per step",
+                type(unwrapped).__name__, sum(p.numel() for p in params) / 1e6, max_train_steps, total_batch)
+
+    def compute_loss(batch, generator):
+        """One micro-batch -> LossOutput; every random draw comes from ``generator``."""
+        latents, embeds, mask = batcher(batch, generator)
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator)
+        if args.noise_offset:
+            noise += args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator)
+        noise = noise.to(latents.device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
+        timesteps = timesteps.to(latents.device)
+        drop = (torch.rand(n, generator=generator) < args.caption_dropout).to(latents.device)
+        embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype), embeds)
+        mask = torch.where(drop[:, None], empty_mask, mask)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample
+        return diffusion_loss(noise_scheduler, output, latents, noise, noisy, timesteps, args.prediction_type,
+                              args.snr_gamma, args.learned_variance, args.vlb_weight)
+
+    grids = []
+
+    def after_step(step: int) -> None:
+        if args.validation_prompts and step % args.validation_steps == 0:
+            grids.append(validate(args, accelerator, unwrapped, ema, vae, text_encoder, tokenizer, noise_scheduler,
+                                  step))
+
+    loop = LoopConfig(output_dir, max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
+                      args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
+                      skipped=skipped)
+    global_step = run_training(accelerator, denoiser, optimizer, lr_scheduler, loader, compute_loss, params, loop,
+                               ema=ema, after_step=after_step)
+    if args.streaming:
+        log_skipped(loop.skipped)
+    if args.validation_prompts and global_step % args.validation_steps:
+        grids.append(validate(args, accelerator, unwrapped, ema, vae, text_encoder, tokenizer, noise_scheduler,
+                              global_step))
+    last_grid = grids[-1] if grids else None
+    check_in_sync(accelerator, unwrapped)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(args, unwrapped, ema, noise_scheduler, last_grid, global_step, total_batch)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+@torch.no_grad()
+def validate(args, accelerator, denoiser, ema, vae, text_encoder, tokenizer, noise_scheduler, step: int):
+    """Sample the validation prompts (on every process, so sharded models work); the main process saves the grid
+    to ``<output_dir>/validation/step-<step>.png`` and logs it. Returns the grid's path."""
+    from diffusers.utils import make_image_grid
+
+    from ldm.schedules import sampling_scheduler
+    from pipelines import LatentPipeline
+
+    if ema is not None:
+        ema.store(denoiser.parameters())
+        ema.copy_to(denoiser.parameters())
+    denoiser.eval()
+    pipe = LatentPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, denoiser=denoiser,
+                          scheduler=sampling_scheduler(noise_scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    with accelerator.autocast():
+        images = pipe(args.validation_prompts, num_inference_steps=args.validation_inference_steps,
+                      guidance_scale=args.validation_guidance_scale, generator=generator,
+                      height=args.resolution, width=args.resolution).images
+    denoiser.train()
+    if ema is not None:
+        ema.restore(denoiser.parameters())
+    path = Path(args.output_dir) / "validation" / f"step-{step}.png"
+    if accelerator.is_main_process:
+        import numpy as np
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_image_grid(images, rows=1, cols=len(images)).save(path)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                          dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(i, caption=c) for i, c in
+                                            zip(images, args.validation_prompts)]}, step=step)
+    return path
+
+
+def save_final(args, denoiser, ema, noise_scheduler, grid: Path | None, step: int, total_batch: int) -> None:
+    """Save the pipeline (EMA weights when used) or the LoRA adapters, the model card, and push if asked."""
+    from ldm.model_card import render_model_card
+    from ldm.schedules import sampling_scheduler
+    from ldm.training_utils import load_frozen_components
+    from pipelines import LatentPipeline
+
+    output_dir = Path(args.output_dir)
+    scheduler = sampling_scheduler(noise_scheduler)
+    lora = args.lora_rank is not None
+    if lora:
+        denoiser.save_lora_adapter(output_dir, weight_name="pytorch_lora_weights.safetensors")
+    else:
+        if ema is not None:
+            ema.copy_to(denoiser.parameters())
+        vae, text_encoder, tokenizer = load_frozen_components(  # fresh fp32 copies, whatever trained in
+            args.pretrained_model_name_or_path, args.vae, args.text_encoder, args.tokenizer, args.revision)
+        pipe = LatentPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, denoiser=denoiser.float(),
+                              scheduler=scheduler)
+        pipe.save_pretrained(output_dir)
+    card_grid = None
+    if grid is not None and grid.is_file():
+        shutil.copy(grid, output_dir / "validation.png")
+        card_grid = "validation.png"
+    hyper = {k: v for k, v in vars(args).items() if v is not None and k not in ("hub_token", "output_dir")}
+    hyper.update(total_batch_size=total_batch, trained_steps=step)
+    render_model_card(
+        output_dir, repo_id=args.hub_model_id or output_dir.name,
+        base_model=args.pretrained_model_name_or_path if args.denoiser is None else None,
+        datasets=args.dataset_name, license=args.license, tags=["lora"] if lora else None,
+        hyperparameters=hyper, denoiser_class=type(denoiser).__name__,
+        num_parameters=f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M",
+        lora=lora, lora_rank=args.lora_rank, scheduler_class=type(scheduler).__name__,
+        prediction_type=args.prediction_type, beta_schedule=args.beta_schedule,
+        zero_snr=args.rescale_betas_zero_snr, example_prompt=(args.validation_prompts or ["a red fox"])[0],
+        validation_image=card_grid, validation_prompts=args.validation_prompts,
+    )
+    logger.info("Saved %s to %s", "LoRA adapters" if lora else "the pipeline", output_dir)
+    if args.push_to_hub:
+        push_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token)
+
+
+def push_folder(folder: Path, repo_id: str, token: str | None) -> str:
+    """Upload the saved pipeline and card (not checkpoints, caches or logs) to ``repo_id``; returns the commit URL."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload ldm pipeline",
+                           token=token, ignore_patterns=["checkpoint-*", ".tmp-checkpoint-*", "cache/*",
+                                                         "logs/*", "validation/*", "training_args.json"])
+    logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)
+    return str(commit)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, OSError, RuntimeError, ImportError) as err:
+        logging.getLogger("train_t2i").error("%s", err)
+        print(f"train_t2i: error: {err}", file=sys.stderr)
+        sys.exit(1)
