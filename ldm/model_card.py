@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,22 @@ def template_path(name: str) -> str:
     return str(path)
 
 
+def hub_ids(value: str | list[str] | None) -> list[str]:
+    """The entries of ``value`` that can name a Hub repo: local folders and paths are dropped (the Hub rejects card
+    metadata such as ``base_model: /home/me/run``)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    kept = []
+    for item in [value] if isinstance(value, str) else (value or []):
+        try:
+            validate_repo_id(item)
+        except HFValidationError:
+            continue
+        if not os.path.exists(item):
+            kept.append(item)
+    return kept
+
+
 def render_model_card(
     output_dir: str | Path,
     template: str = "text_to_image",
@@ -34,13 +51,14 @@ def render_model_card(
 ) -> ModelCard:
     """Render ``template`` into ``<output_dir>/README.md`` and return the card.
 
-    The YAML header carries ``library_name: ldm``, ``pipeline_tag: text-to-image``, ``tags``, ``base_model``,
-    ``datasets`` and ``license``; ``hyperparameters`` become a table (token-like keys are dropped); other ``fields``
-    go to the template.
+    The YAML header carries ``library_name: ldm``, ``pipeline_tag: text-to-image``, ``tags``, ``license``, and
+    ``base_model`` / ``datasets`` when they are Hub ids (local paths only reach the text); ``hyperparameters`` become a
+    table (token-like keys are dropped); other ``fields`` go to the template.
     """
+    base_ids, dataset_ids = hub_ids(base_model), hub_ids(datasets)
     card_data = ModelCardData(
-        library_name="ldm", pipeline_tag="text-to-image", license=license, base_model=base_model,
-        datasets=[datasets] if isinstance(datasets, str) else datasets,
+        library_name="ldm", pipeline_tag="text-to-image", license=license,
+        base_model=base_ids[0] if len(base_ids) == 1 else base_ids or None, datasets=dataset_ids or None,
         tags=["text-to-image", "diffusion", "ldm", *(tags or [])],
     )
     params = {k: v for k, v in (hyperparameters or {}).items() if k not in _SECRET_KEYS}

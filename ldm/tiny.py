@@ -29,12 +29,13 @@ def _wake_zero_init(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Modul
     return model
 
 
-def tiny_text_encoder(tokenizer, hidden_size: int = TEXT_WIDTH, seed: int = 0) -> CLIPTextModel:
-    """2-layer ``CLIPTextModel`` sized from ``len(tokenizer)`` (which can exceed vocab.json)."""
+def tiny_text_encoder(tokenizer, hidden_size: int = TEXT_WIDTH, seed: int = 0, num_layers: int = 2,
+                      num_heads: int = 2) -> CLIPTextModel:
+    """Small seeded ``CLIPTextModel`` sized from ``len(tokenizer)`` (which can exceed vocab.json)."""
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, max_position_embeddings=MAX_LENGTH,
         projection_dim=hidden_size, hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -63,7 +63,9 @@ def run_training(
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
-        cfg.skipped.update(state.get("skipped", {}))
+        if "skipped" in state:  # the saved counts already include those found up front (map-style data)
+            cfg.skipped.clear()
+            cfg.skipped.update(state["skipped"])
         logger.info("Resumed from %s at step %d (epoch %d, %d batches in)", resume_path, step, epoch, batches_done)
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.desc,
@@ -88,9 +90,10 @@ def run_training(
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
-            for reason in ("no_caption", "bad_image"):
-                if f"skipped_{reason}" in batch:
-                    cfg.skipped[reason] += int(batch[f"skipped_{reason}"].sum())
+            if epoch == 0:  # streaming data reports its bad rows again on every pass: count the first one
+                for reason in ("no_caption", "bad_image"):
+                    if f"skipped_{reason}" in batch:
+                        cfg.skipped[reason] += int(batch[f"skipped_{reason}"].sum())
             if not accelerator.sync_gradients:
                 micro_in_step += 1
                 continue

@@ -59,7 +59,10 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
     """The CPU generator of one micro-step on one process: every random draw of a step comes from it, so a resumed
     run repeats exactly the draws an uninterrupted one makes."""
-    return torch.Generator().manual_seed(hash((seed, micro_step, process_index)) & 0x7FFF_FFFF_FFFF_FFFF)
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # stable across Python versions
 
 
 def check_in_sync(accelerator, model) -> None:
@@ -116,7 +119,7 @@ def load_frozen_components(pretrained: str | None, vae: str | None = None, text_
 
     def source(explicit, subfolder):
         if explicit:
-            return explicit, None
+            return explicit, ""  # transformers wants "" (not None) for "no subfolder"
         if pretrained is None:
             raise ValueError(f"No {subfolder}: give --{subfolder} or --pretrained_model_name_or_path.")
         return pretrained, subfolder
@@ -182,7 +185,9 @@ class LatentBatcher:
                 pixels = torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
             params = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.parameters
             embeds, mask = encode_text(self.tokenizer, self.text_encoder, batch["captions"])
-        latents = (sample_latents(params, self.latents_mode, generator) - self.shift) * self.scaling
+        # contiguous: the VAE returns channels-last latents, cached ones are not; the same memory format keeps the
+        # denoiser's kernels, and so the weights, bitwise identical with and without the cache
+        latents = ((sample_latents(params, self.latents_mode, generator) - self.shift) * self.scaling).contiguous()
         return latents, embeds, mask.to(latents.device)
 
 

@@ -241,6 +241,9 @@ class LatentPipeline(DiffusionPipeline):
             if not isinstance(prompt, str) and len(prompt) == 0:
                 raise ValueError("`prompt` is an empty list; pass at least one prompt.")
         batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if self.guidance_distilled and (negative_prompt is not None or negative_prompt_embeds is not None):
+            logger.warning("This denoiser has classifier-free guidance folded in (one forward per step, no "
+                           "unconditional branch): the negative prompt is ignored.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch:

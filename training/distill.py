@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Give --dataset_name or --train_data_dir (the images the teacher's prompts come from).")
+    if not 0 < args.guidance_scale_min <= args.default_guidance_scale <= args.guidance_scale_max:
+        raise ValueError("Need 0 < --guidance_scale_min <= --default_guidance_scale <= --guidance_scale_max, got "
+                         f"{args.guidance_scale_min}, {args.default_guidance_scale}, {args.guidance_scale_max}.")
     if args.teacher_steps % (2 ** args.rounds):
         raise ValueError(f"--teacher_steps {args.teacher_steps} cannot be halved {args.rounds} times exactly; "
                          f"use a power of two such as 64.")
@@ -120,7 +123,8 @@ def make_student(teacher, guided_student: bool):
     the student starts out equal to the teacher's conditional branch."""
     if not guided_student or teacher.config.guidance_embedding:
         return copy.deepcopy(teacher).train().requires_grad_(True)
-    student = type(teacher).from_config({**teacher.config, "guidance_embedding": True})
+    # a keyword, not a config entry: from_config drops entries the teacher left at their defaults
+    student = type(teacher).from_config(teacher.config, guidance_embedding=True)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("time_embed.guidance") for k in missing), (missing, unexpected)
     final = student.time_embed.guidance_embedding.linear_2
@@ -220,8 +224,9 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     params = list(student.parameters())
     optimizer = make_optimizer(params, args.learning_rate, weight_decay=args.adam_weight_decay)
     max_steps = args.guidance_steps or args.steps_per_round if stage.round == 0 else args.steps_per_round
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler("linear", optimizer,  # annealed to 0 within each round, as in Salimans & Ho
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
     ema = None
     if args.use_ema:
         ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=type(student),
@@ -304,8 +309,9 @@ def save_stage(args, stage: Stage, student, vae, text_encoder, tokenizer, schedu
         pipe.set_progress_bar_config(disable=True)
         images = pipe(args.validation_prompts, generator=torch.Generator().manual_seed(args.seed)).images
         make_image_grid(images, rows=1, cols=len(images)).save(tmp / "validation.png")
-    render_model_card(
-        tmp, "distilled", base_model=args.teacher, datasets=args.dataset_name, license=args.license,
+    render_model_card(  # written into the temporary folder, so name the final one
+        tmp, "distilled", repo_id=stage_dir.name, base_model=args.teacher, datasets=args.dataset_name,
+        license=args.license,
         tags=["progressive-distillation", *(["guidance-distillation"] if stage.guided_student else [])],
         hyperparameters={k: v for k, v in vars(args).items() if v is not None and k != "output_dir"},
         model_name=f"{Path(args.teacher).name} distilled to {stage.student_steps} steps",

@@ -262,8 +262,9 @@ def main(args: argparse.Namespace) -> Path:
 
     unwrapped = accelerator.unwrap_model(denoiser)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("Training %s (%.1fM trainable parameters) for %d steps, %d images per step",
-                type(unwrapped).__name__, sum(p.numel() for p in params) / 1e6, max_train_steps, total_batch)
+    logger.info("Training %s (%d of %d parameters trainable) for %d steps, %d images per step",
+                type(unwrapped).__name__, sum(p.numel() for p in params),
+                sum(p.numel() for p in unwrapped.parameters()), max_train_steps, total_batch)
 
     def compute_loss(batch, generator):
         """One micro-batch -> LossOutput; every random draw comes from ``generator``."""

@@ -48,11 +48,13 @@ def load_raw_dataset(args: DataArgs, split: str = "train"):
     """The data set (map-style or streaming) with its image column left undecoded, and the resolved column names."""
     import datasets
 
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
     if args.dataset_name in BUILTIN_DATASETS:
         from .shapes import load_shapes_dataset
 
         ds = load_shapes_dataset(split=split, num_samples=args.max_train_samples or 10_000,
-                                 resolution=args.resolution, seed=args.seed)
+                                 resolution=args.resolution, seed=args.seed, cache_dir=args.cache_dir)
         if args.streaming:
             ds = ds.to_iterable_dataset()
     elif args.dataset_name is not None:

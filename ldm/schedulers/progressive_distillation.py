@@ -46,7 +46,8 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         distillation_round: how many halvings produced this student (0 = not distilled).
         guidance_scale: for students with classifier-free guidance folded in, the guidance scale to sample with by
             default (``None`` for plain students).
-        timestep_spacing: recorded so diffusers' DDIM ``from_config`` samples the same grid ("trailing").
+        timestep_spacing, clip_sample: unused here; recorded so that diffusers' DDIM ``from_config`` samples the same
+            grid ("trailing") without clipping x0.
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -67,6 +68,7 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         distillation_round: int = 0,
         guidance_scale: float | None = None,
         timestep_spacing: str = "trailing",
+        clip_sample: bool = False,
     ):
         if trained_betas is not None:
             betas = torch.tensor(trained_betas, dtype=torch.float64)

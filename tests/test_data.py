@@ -1,0 +1,113 @@
+"""Training data helpers: caption/image checks, bad-row dropping (map-style and streaming), the image transform."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from ldm.data.image_caption import (
+    DataArgs, ImageCaptionCollator, StreamingRowFilter, drop_bad_rows, image_to_tensor, load_raw_dataset,
+    pick_caption, prepare_training_dataset, row_problem,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def png_bytes(width: int = 48, height: int = 40, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+GOOD = {"bytes": png_bytes(), "path": None}
+TRUNCATED = {"bytes": png_bytes()[:200], "path": None}
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("  a red fox ", "a red fox"), ("", None), ("   ", None), (None, None), (3, None),
+    (["", "  ", "a fox", "a dog"], "a fox"), ([], None),
+])
+def test_pick_caption(value, expected):
+    assert pick_caption(value) == expected
+
+
+def test_row_problem():
+    assert row_problem(GOOD, "a fox") is None
+    assert row_problem(GOOD, " ") == "no_caption"
+    assert row_problem(TRUNCATED, "a fox") == "bad_image"
+    assert row_problem({"bytes": b"not an image", "path": None}, "a fox") == "bad_image"
+    assert row_problem({"bytes": None, "path": "/no/such/file.png"}, "a fox") == "bad_image"
+
+
+def test_image_to_tensor_resizes_the_short_side_and_centre_crops():
+    image = np.zeros((40, 80, 3), dtype=np.uint8)
+    image[:, 20:60] = 255  # a white centre band exactly as wide as the crop
+    out = image_to_tensor(PIL.Image.fromarray(image), 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -1 and out.max() <= 1
+    assert out[:, :, 2:-2].min() > 0.9  # the crop is (almost) all band; bicubic rings only at the very edges
+    gray = image_to_tensor(PIL.Image.new("RGB", (32, 32), (255, 0, 0)), 32)
+    torch.testing.assert_close(gray[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_drop_bad_rows_counts_by_reason():
+    ds = datasets.Dataset.from_dict({
+        "image": [GOOD, GOOD, TRUNCATED, GOOD, TRUNCATED],
+        "text": ["a", "", "b", "c", ""],
+    }, features=datasets.Features({"image": datasets.Image(decode=False), "text": datasets.Value("string")}))
+    kept, counts = drop_bad_rows(ds, "image", "text")
+    assert kept["text"] == ["a", "c"]
+    assert counts == {"no_caption": 2, "bad_image": 1}  # a row with both problems counts as captionless
+
+
+def test_streaming_filter_attaches_counts_to_the_next_good_row():
+    filt = StreamingRowFilter("image", "text")
+    out = filt({"image": [TRUNCATED, GOOD, GOOD], "text": ["a", "b", ""]})
+    assert out["text"] == ["b"] and out["skipped_bad_image"] == [1] and out["skipped_no_caption"] == [1]
+    out = filt({"image": [GOOD], "text": [""]})  # no good row: the count waits for the next batch
+    assert out["text"] == [] and out["skipped_no_caption"] == []
+    out = filt({"image": [GOOD, GOOD], "text": ["c", "d"]})
+    assert out["skipped_no_caption"] == [1, 0] and out["skipped_bad_image"] == [0, 0]
+
+
+def test_collator_batches_pixels_captions_and_counts():
+    rows = [{"image": GOOD, "text": " a fox ", "skipped_bad_image": 2}, {"image": GOOD, "text": ["", "a dog"]}]
+    batch = ImageCaptionCollator("image", "text", 32)(rows)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["captions"] == ["a fox", "a dog"]
+    assert batch["skipped_bad_image"].tolist() == [2, 0] and batch["skipped_no_caption"].tolist() == [0, 0]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An imagefolder of 3 rows; every caption empty."""
+    with open(tmp_path / "metadata.jsonl", "w") as f:
+        for i in range(3):
+            (tmp_path / f"{i}.png").write_bytes(png_bytes(seed=i))
+            f.write(json.dumps({"file_name": f"{i}.png", "text": ""}) + "\n")
+    return tmp_path
+
+
+def test_no_usable_rows_is_a_clear_error(folder, tmp_path_factory):
+    args = DataArgs(train_data_dir=str(folder), resolution=32, cache_dir=str(tmp_path_factory.mktemp("hf")))
+    with pytest.raises(ValueError, match="No usable rows"):
+        prepare_training_dataset(args)
+
+
+def test_unknown_column_names_the_columns(folder, tmp_path_factory):
+    args = DataArgs(train_data_dir=str(folder), caption_column="caption", resolution=32,
+                    cache_dir=str(tmp_path_factory.mktemp("hf")))
+    with pytest.raises(ValueError, match=r"--caption_column: no column 'caption'.*\['image', 'text'\]"):
+        load_raw_dataset(args)
+
+
+def test_no_data_source_is_a_clear_error():
+    with pytest.raises(ValueError, match="--dataset_name .* or --train_data_dir"):
+        load_raw_dataset(DataArgs())

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Evaluate a LatentPipeline on the shapes prompts: colour/shape/background accuracy, optional FID and CLIP score.
+
+    python training/evaluate.py --model models/shapes-teacher --split heldout --num_prompts 96 --steps 50
+
+Prompt-following is judged from the generated pixels by the project's deterministic analyser
+(``ldm.eval.shapes_analyzer``). FID and CLIP score use torchmetrics and need pretrained Inception/CLIP weights; offline
+they are skipped with a message saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    p.add_argument("--split", choices=["heldout", "validation", "train"], default="heldout")
+    p.add_argument("--num_prompts", type=int, default=96)
+    p.add_argument("--steps", type=int, default=None, help="default: 50, or the distilled step count")
+    p.add_argument("--guidance_scale", type=float, default=None)
+    p.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm", "euler"], default=None,
+                   help="swap the saved scheduler (from_config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--fid", action="store_true", help="also FID against real renders (needs Inception weights)")
+    p.add_argument("--clip_score", default=None, help="CLIP model id/folder for CLIP score (needs its weights)")
+    p.add_argument("--output", default=None, help="write a PNG grid here and the JSON next to it")
+    return p.parse_args(argv)
+
+
+def prompts_for(split: str, n: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """Single-shape (caption, attributes) prompts of a shapes split."""
+    from ldm.data.shapes import heldout_prompts, sample_attributes
+
+    if split == "heldout":
+        return heldout_prompts(n, seed)
+    return [sample_attributes(i, split, seed, two_shape_fraction=0.0) for i in range(n)]
+
+
+def optional_metric(name: str, compute) -> float | None:
+    try:
+        return float(compute())
+    except Exception as err:  # missing package or weights (offline): say so, never fail the evaluation
+        print(f"{name} skipped: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
+        return None
+
+
+def main(args: argparse.Namespace) -> dict:
+    import diffusers
+    from diffusers.utils import make_image_grid
+
+    from ldm.cli import SCHEDULERS
+    from ldm.eval.prompt_following import evaluate_prompt_following
+    from pipelines import LatentPipeline
+
+    pipe = LatentPipeline.from_pretrained(args.model)
+    if args.scheduler:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = prompts_for(args.split, args.num_prompts)
+    result = evaluate_prompt_following(pipe, prompts, args.steps, args.guidance_scale, args.seed, args.batch_size)
+    report = {"model": args.model, "split": args.split, "steps": pipe.scheduler.num_inference_steps,
+              "guidance_scale": pipe.guidance_scale, **result.accuracy,
+              "seconds_per_image": round(result.seconds_per_image, 4)}
+
+    def to_uint8(images):
+        import numpy as np
+
+        return torch.from_numpy(np.stack([np.asarray(i) for i in images])).permute(0, 3, 1, 2)
+
+    if args.fid:
+        def fid():
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            from ldm.data.shapes import render_attributes
+
+            metric = FrechetInceptionDistance(feature=2048)
+            size = result.images[0].width
+            metric.update(to_uint8([render_attributes(a, size, jitter_seed=i) for i, (_, a) in enumerate(prompts)]),
+                          real=True)
+            metric.update(to_uint8(result.images), real=False)
+            return metric.compute()
+
+        report["fid"] = optional_metric("FID", fid)
+    if args.clip_score:
+        def clip():
+            from torchmetrics.multimodal.clip_score import CLIPScore
+
+            metric = CLIPScore(model_name_or_path=args.clip_score)
+            return metric(to_uint8(result.images), [c for c, _ in prompts])
+
+        report["clip_score"] = optional_metric("CLIP score", clip)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cols = 8
+        rows = -(-len(result.images) // cols)
+        blank = result.images[0].copy()
+        blank.paste((0, 0, 0), (0, 0, blank.width, blank.height))
+        make_image_grid(result.images + [blank] * (rows * cols - len(result.images)), rows, cols).save(out)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, OSError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        sys.exit(1)

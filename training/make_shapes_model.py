@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Reproduce the bundled shapes models from scratch with the project's own scripts (one command).
+
+    python training/make_shapes_model.py --output_dir models --work_dir work/shapes
+
+Stages (each skipped when its output already exists, so an interrupted run picks up where it stopped):
+
+1. text encoder: a seeded ``CLIPTextModel`` on the project tokenizer (frozen, never trained: on real data you would
+   pass a pretrained CLIP such as ``openai/clip-vit-large-patch14`` instead);
+2. ``train_vae.py``: an ``AutoencoderKL`` on the built-in shapes data;
+3. ``train_t2i.py``: the teacher U-Net (v-prediction, zero-terminal-SNR, min-SNR, cached latents, EMA);
+4. ``distill.py``: guidance folding, then progressive distillation 64 -> 32 -> 16 -> 8 -> 4 steps;
+5. copy the teacher (DDIM, trailing) and the 4-step student to ``--output_dir`` and evaluate both on the held-out
+   prompts (``evaluate.py``), writing ``EVALUATION.json`` and sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output_dir", default="models")
+    p.add_argument("--work_dir", default="work/shapes")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--num_samples", type=int, default=20000, help="training images rendered")
+    p.add_argument("--text_width", type=int, default=128)
+    p.add_argument("--text_layers", type=int, default=4)
+    p.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--vae_steps", type=int, default=2000)
+    p.add_argument("--vae_batch_size", type=int, default=32)
+    p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--unet_attention", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--unet_layers", type=int, default=1, help="ResBlocks per level on the way down")
+    p.add_argument("--teacher_steps", type=int, default=6000)
+    p.add_argument("--teacher_batch_size", type=int, default=64)
+    p.add_argument("--teacher_lr", type=float, default=4e-4)
+    p.add_argument("--distill_steps", type=int, default=800, help="optimizer steps per distillation stage")
+    p.add_argument("--distill_batch_size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--guidance_scale", type=float, default=4.0, help="the bundled models' default guidance")
+    p.add_argument("--eval_prompts", type=int, default=96)
+    p.add_argument("--mixed_precision", default="no")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def run(script: str, *args) -> None:
+    cmd = [sys.executable, str(HERE / script), *map(str, args)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    work, out = Path(args.work_dir), Path(args.output_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    common = ["--dataset_name", "shapes", "--max_train_samples", args.num_samples, "--resolution", args.resolution,
+              "--seed", args.seed, "--mixed_precision", args.mixed_precision, "--report_to", "tensorboard"]
+
+    start = time.perf_counter()
+    text_dir = work / "text_encoder"
+    if not (text_dir / "config.json").is_file():
+        from ldm.tiny import tiny_text_encoder
+        from ldm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer()
+        tiny_text_encoder(tokenizer, args.text_width, args.seed, args.text_layers, 4).save_pretrained(text_dir)
+        tokenizer.save_pretrained(text_dir)
+    vae_dir = work / "vae"
+    if not (vae_dir / "config.json").is_file():
+        run("train_vae.py", *common, "--output_dir", vae_dir, "--block_out_channels", *args.vae_channels,
+            "--max_train_steps", args.vae_steps, "--train_batch_size", args.vae_batch_size, "--random_flip")
+    timings["vae_minutes"] = (time.perf_counter() - start) / 60
+
+    start = time.perf_counter()
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "model_index.json").is_file():
+        factor = 2 ** (len(args.vae_channels) - 1)
+        config = work / "teacher_unet.json"
+        config.write_text(json.dumps({
+            "block_out_channels": args.unet_channels, "attention_levels": [bool(a) for a in args.unet_attention],
+            "layers_per_block": args.unet_layers, "attention_head_dim": 32, "norm_num_groups": 16,
+            "sample_size": args.resolution // factor,
+        }))
+        run("train_t2i.py", *common, "--vae", vae_dir, "--text_encoder", text_dir, "--denoiser", "unet",
+            "--denoiser_config", config, "--output_dir", teacher_dir, "--cache_latents", "--random_flip",
+            "--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5",
+            "--caption_dropout", "0.1", "--use_ema", "--ema_decay", "0.999", "--max_train_steps", args.teacher_steps,
+            "--train_batch_size", args.teacher_batch_size, "--learning_rate", args.teacher_lr,
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "200", "--checkpointing_steps", "1000",
+            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
+            "--validation_prompts", "a red circle on a white background", "a blue square on a black background",
+            "a green triangle on a gray background", "a yellow circle on a blue background",
+            "--validation_steps", "2000", "--validation_guidance_scale", args.guidance_scale)
+    timings["teacher_minutes"] = (time.perf_counter() - start) / 60
+
+    start = time.perf_counter()
+    distill_dir = work / "distilled"
+    student_steps = 64 // 2 ** args.rounds
+    student_dir = distill_dir / f"round-{args.rounds}-{student_steps}-steps"
+    if not (student_dir / "model_index.json").is_file():
+        run("distill.py", "--teacher", teacher_dir, "--teacher_steps", "64", "--rounds", args.rounds,
+            "--guidance_distillation", "--default_guidance_scale", args.guidance_scale, "--guidance_scale_min", "1",
+            "--guidance_scale_max", "8", "--dataset_name", "shapes", "--max_train_samples", args.num_samples,
+            "--cache_latents", "--random_flip", "--steps_per_round", args.distill_steps,
+            "--train_batch_size", args.distill_batch_size, "--learning_rate", "1e-4", "--use_ema",
+            "--checkpointing_steps", "500", "--output_dir", distill_dir, "--seed", args.seed,
+            "--mixed_precision", args.mixed_precision,
+            "--validation_prompts", "a red circle on a white background", "a blue square on a black background")
+    timings["distill_minutes"] = (time.perf_counter() - start) / 60
+
+    # ---- ship: the teacher samples with DDIM (trailing, as its zero-SNR schedule needs), the student as distilled
+    import torch
+    from diffusers import DDIMScheduler
+
+    from pipelines import LatentPipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, source in (("shapes-teacher", teacher_dir), ("shapes-student", student_dir)):
+        pipe = LatentPipeline.from_pretrained(source)
+        if name == "shapes-teacher":
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                       rescale_betas_zero_snr=True)
+        target = out / name
+        shutil.rmtree(target, ignore_errors=True)
+        # float16 storage halves the bundle (diffusers loads it back as float32); the text encoder stays float32
+        for model in (pipe.denoiser, pipe.vae):
+            torch.nn.Module.to(model, torch.float16)
+        pipe.save_pretrained(target)
+        for extra in ("README.md", "validation.png"):
+            if (source / extra).is_file():
+                shutil.copy(source / extra, target / extra)
+    report = {"timings_minutes": {k: round(v, 1) for k, v in timings.items()}}
+    for name, steps in (("shapes-teacher", 50), ("shapes-student", None)):
+        cmd = ["evaluate.py", "--model", out / name, "--num_prompts", args.eval_prompts,
+               "--guidance_scale", args.guidance_scale, "--output", work / f"eval-{name}.png"]
+        if steps:
+            cmd += ["--steps", steps]
+        run(*cmd)
+        report[name] = json.loads((work / f"eval-{name}.json").read_text())
+    (out / "EVALUATION.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Stage 1: train a diffusers ``AutoencoderKL`` (the frozen VAE of later stages) with accelerate.
+
+    accelerate launch training/train_vae.py --dataset_name shapes --resolution 64 \
+        --block_out_channels 32 64 128 --latent_channels 4 --max_train_steps 3000 --output_dir vae
+
+Loss: L1 + MSE reconstruction of the decoded posterior sample, plus ``--kl_weight`` x KL(q(z|x) || N(0, I)), plus
+``--perceptual_weight`` x LPIPS when torchmetrics and its pretrained VGG weights are available. After training,
+``scaling_factor`` is set to 1 / std of the latents over ``--scaling_samples`` images, so scaled latents have unit
+variance (what the denoiser's noise schedule assumes), and the VAE is saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("train_vae")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("data (as train_t2i.py)")
+    g.add_argument("--dataset_name", default=None)
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None)
+    g.add_argument("--image_column", default=None)
+    g.add_argument("--caption_column", default=None)
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=64)
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--cache_dir", default=None)
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--pretrained_vae", default=None, help="fine-tune this AutoencoderKL instead of a new one")
+    g.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 128],
+                   help="channels per level; the downsampling factor is 2^(levels - 1)")
+    g.add_argument("--layers_per_block", type=int, default=1)
+    g.add_argument("--latent_channels", type=int, default=4)
+    g.add_argument("--norm_num_groups", type=int, default=16)
+    g = p.add_argument_group("loss")
+    g.add_argument("--kl_weight", type=float, default=1e-6)
+    g.add_argument("--mse_weight", type=float, default=1.0)
+    g.add_argument("--l1_weight", type=float, default=1.0)
+    g.add_argument("--perceptual_weight", type=float, default=0.0, help="LPIPS weight (needs its VGG weights)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=32)
+    g.add_argument("--max_train_steps", type=int, default=3000)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g.add_argument("--lr_scheduler", default="cosine")
+    g.add_argument("--lr_warmup_steps", type=int, default=100)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="ldm-vae")
+    g.add_argument("--checkpointing_steps", type=int, default=1000)
+    g.add_argument("--checkpoints_total_limit", type=int, default=2)
+    g.add_argument("--resume_from_checkpoint", default=None)
+    g.add_argument("--scaling_samples", type=int, default=512)
+    g.add_argument("--report_to", default="tensorboard")
+    args = p.parse_args(argv)
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("Give --dataset_name or --train_data_dir.")
+    if args.resolution % 2 ** (len(args.block_out_channels) - 1):
+        raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor "
+                         f"{2 ** (len(args.block_out_channels) - 1)}.")
+    return args
+
+
+def build_vae(args):
+    from diffusers import AutoencoderKL
+
+    if args.pretrained_vae:
+        return AutoencoderKL.from_pretrained(args.pretrained_vae, use_safetensors=True)
+    levels = len(args.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=args.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(args.block_out_channels), layers_per_block=args.layers_per_block,
+        norm_num_groups=args.norm_num_groups, sample_size=args.resolution,
+    )
+
+
+class PosteriorAutoencoder(torch.nn.Module):
+    """Wraps the VAE so one ``forward`` (what DDP/FSDP hook into) encodes, samples with given noise and decodes."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator):
+        """pixels (B, 3, R, R) -> reconstruction (B, 3, R, R), KL per sample (B,) per latent element."""
+        dist = self.vae.encode(pixels).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(pixels.device)
+        return self.vae.decode(z).sample, dist.kl() / dist.mean[0].numel()
+
+
+def perceptual_loss_fn(weight: float):
+    """LPIPS (torchmetrics, VGG) when ``weight`` > 0; a clear error when its pretrained weights are unavailable."""
+    if weight <= 0:
+        return None
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        return LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False)
+    except Exception as err:  # missing package or weights that cannot be downloaded offline
+        raise RuntimeError(f"--perceptual_weight needs torchmetrics' LPIPS with its pretrained VGG weights: {err}. "
+                           "Install torchmetrics[image] with network access once, or use --perceptual_weight 0.")
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, loader, num_samples: int, device) -> float:
+    """1 / std of posterior samples over about ``num_samples`` training images."""
+    latents = []
+    seen = 0
+    generator = torch.Generator().manual_seed(0)
+    for batch in loader:
+        pixels = batch["pixel_values"].to(device, vae.dtype)
+        dist = vae.encode(pixels).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(device)
+        latents.append((dist.mean + dist.std * noise).float().cpu())
+        seen += len(pixels)
+        if seen >= num_samples:
+            break
+    return float(1.0 / torch.cat(latents).std())
+
+
+def main(args: argparse.Namespace) -> Path:
+    from diffusers.optimization import get_scheduler
+
+    from ldm.checkpointing import remove_incomplete
+    from ldm.data.image_caption import DataArgs, prepare_training_dataset
+    from ldm.train_loop import LoopConfig, run_training
+    from ldm.training_utils import check_in_sync, make_accelerator, make_optimizer
+
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
+                                   args.report_to, "logs", args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(output_dir)
+    model = PosteriorAutoencoder(build_vae(args).train())
+    lpips = perceptual_loss_fn(args.perceptual_weight)
+    if lpips is not None:
+        lpips.to(accelerator.device).requires_grad_(False)
+    data_args = DataArgs(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                         args.caption_column, False, args.max_train_samples, args.resolution, args.cache_dir,
+                         args.seed)
+    with accelerator.main_process_first():
+        dataset, collator, _ = prepare_training_dataset(data_args)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                         collate_fn=collator, num_workers=args.dataloader_num_workers)
+    params = list(model.parameters())
+    optimizer = make_optimizer(params, args.learning_rate, weight_decay=0.0)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_vae", config={k: str(v) for k, v in vars(args).items()})
+
+    class Out:
+        def __init__(self, loss, rec, kl):
+            self.loss, self.rec, self.kl = loss, rec, kl
+
+        def logs(self):
+            return {"reconstruction": self.rec.item(), "kl": self.kl.item()}
+
+    def compute_loss(batch, generator):
+        """Reconstruction (+ LPIPS) of a posterior sample + KL; (B, 3, R, R) pixels in [-1, 1]."""
+        pixels = batch["pixel_values"]
+        if args.random_flip:
+            flip = (torch.rand(len(pixels), generator=generator) < 0.5).to(pixels.device)
+            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+        recon, kl = model(pixels, generator)
+        rec = args.l1_weight * F.l1_loss(recon, pixels) + args.mse_weight * F.mse_loss(recon, pixels)
+        kl = kl.mean()
+        loss = rec + args.kl_weight * kl
+        if lpips is not None:
+            loss = loss + args.perceptual_weight * lpips(recon.clamp(-1, 1), pixels)
+        return Out(loss, rec.detach(), kl.detach())
+
+    loop = LoopConfig(output_dir, args.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
+                      args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
+                      desc="VAE steps")
+    run_training(accelerator, model, optimizer, lr_scheduler, loader, compute_loss, params, loop)
+    unwrapped = accelerator.unwrap_model(model).vae.eval()
+    check_in_sync(accelerator, unwrapped)
+    scaling = latent_scaling_factor(unwrapped, loader, args.scaling_samples, accelerator.device)
+    if accelerator.is_main_process:
+        unwrapped.register_to_config(scaling_factor=scaling)
+        unwrapped.save_pretrained(output_dir)
+        logger.info("Saved the VAE to %s (scaling_factor %.4f)", output_dir, scaling)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output_dir
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (ValueError, OSError, RuntimeError, ImportError) as err:
+        logging.getLogger("train_vae").error("%s", err)
+        print(f"train_vae: error: {err}", file=sys.stderr)
+        sys.exit(1)
