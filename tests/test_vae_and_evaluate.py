@@ -1,0 +1,100 @@
+"""Stage-1 VAE training (``training/train_vae.py``) and the prompt-following evaluation (``training/evaluate.py``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ldm.data.shapes import render_sample
+from ldm.eval.prompt_following import evaluate_prompt_following
+from ldm.eval.shapes_analyzer import prompt_accuracy
+from ldm.tiny import tiny_pipeline
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    script = load_script("train_vae")
+    args = script.parse_args([
+        "--dataset_name", "shapes", "--max_train_samples", "16", "--resolution", "32",
+        "--cache_dir", str(out / "hf-cache"), "--block_out_channels", "8", "16", "--norm_num_groups", "8",
+        "--train_batch_size", "4", "--max_train_steps", "3", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+        "--checkpointing_steps", "2", "--scaling_samples", "8", "--report_to", "none", "--output_dir", str(out / "vae"),
+    ])
+    script.main(args)
+    return out / "vae"
+
+
+def test_vae_training_saves_a_loadable_autoencoder_with_its_scaling_factor(vae_run):
+    vae = AutoencoderKL.from_pretrained(vae_run)
+    assert vae.config.block_out_channels == [8, 16] and vae.config.latent_channels == 4
+    assert (vae_run / "checkpoint-2").is_dir() and (vae_run / "checkpoint-3").is_dir()
+    # scaling_factor = 1 / std of posterior samples: recompute it on the same kind of images
+    images = torch.stack([torch.from_numpy(np.asarray(render_sample(i, resolution=32)[0], dtype="float32"))
+                          .permute(2, 0, 1) / 127.5 - 1 for i in range(16)])
+    with torch.no_grad():
+        std = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(1)).std().item()
+    assert vae.config.scaling_factor != pytest.approx(0.18215)
+    assert vae.config.scaling_factor * std == pytest.approx(1.0, rel=0.15), (vae.config.scaling_factor, std)
+
+
+def test_vae_resolution_must_fit_the_downsampling():
+    script = load_script("train_vae")
+    with pytest.raises(ValueError, match="multiple of the VAE factor 4"):
+        script.parse_args(["--dataset_name", "shapes", "--resolution", "30", "--block_out_channels", "8", "16", "16"])
+
+
+def test_prompt_accuracy_of_ground_truth_renders_is_perfect_and_of_noise_is_not():
+    prompts = [render_sample(i, split="heldout")[1:] for i in range(6)]
+    renders = [render_sample(i, split="heldout")[0] for i in range(6)]
+    assert prompt_accuracy(renders, [a for _, a in prompts])["color_accuracy"] == 1.0
+    pipe = tiny_pipeline("unet")  # random weights: its images follow no prompt
+    result = evaluate_prompt_following(pipe, prompts, num_inference_steps=2, guidance_scale=2.0, batch_size=4)
+    assert result.accuracy["n"] == 6 and result.latents.shape == (6, 4, 8, 8)
+    assert result.accuracy["shape_accuracy"] < 0.5
+    # image i always uses seed + i, whatever the batching
+    again = evaluate_prompt_following(pipe, prompts[2:4], num_inference_steps=2, guidance_scale=2.0, seed=2,
+                                      batch_size=1)
+    torch.testing.assert_close(again.latents, result.latents[2:4])
+
+
+def test_evaluate_script_writes_json_and_grid_and_skips_fid_offline(tmp_path, capsys):
+    model = tmp_path / "model"
+    tiny_pipeline("dit").save_pretrained(model)
+    script = load_script("evaluate")
+    report = script.main(script.parse_args([
+        "--model", str(model), "--num_prompts", "5", "--steps", "2", "--guidance_scale", "3",
+        "--fid", "--output", str(tmp_path / "eval.png"),
+    ]))
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == report and report["n"] == 5 and report["steps"] == 2 and report["guidance_scale"] == 3
+    assert {"color_accuracy", "shape_accuracy", "background_accuracy"} <= set(report)
+    assert report["fid"] is None and "FID skipped" in capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "eval.png").size == (8 * 64, 64)
