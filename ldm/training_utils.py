@@ -26,7 +26,8 @@ def multi_process_without_accelerator() -> bool:
 def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
                      report_to: str = "tensorboard", logging_dir: str = "logs", seed: int = 0):
     """An ``Accelerator`` with a seedable sampler (resumable data order), trackers under ``output_dir/logging_dir``,
-    quiet logging on non-main processes, and the global seed set."""
+    quiet logging on non-main processes and the global seed set; ``output_dir`` exists and holds no leftovers of an
+    interrupted checkpoint save."""
     import diffusers
     import transformers
     from accelerate import Accelerator
@@ -48,6 +49,12 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     set_seed(seed)
+    if accelerator.is_main_process:
+        from .checkpointing import remove_incomplete
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(output_dir)
+    accelerator.wait_for_everyone()
     return accelerator
 
 

@@ -135,15 +135,11 @@ def make_student(teacher, guided_student: bool):
 
 def main(args: argparse.Namespace) -> Path:
     from ldm import ProgressiveDistillationScheduler
-    from ldm.checkpointing import remove_incomplete
     from ldm.training_utils import load_frozen_components, load_pipeline_denoiser, make_accelerator
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
                                    args.report_to, "logs", args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(output_dir)
     vae, text_encoder, tokenizer = load_frozen_components(args.teacher, revision=args.revision)
     base = load_pipeline_denoiser(args.teacher, args.revision)
     teacher_config = json.loads(Path(_local(args.teacher, args.revision), "scheduler",

@@ -180,7 +180,6 @@ def main(args: argparse.Namespace) -> Path:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ldm.checkpointing import remove_incomplete
     from ldm.data.image_caption import DataArgs, log_skipped
     from ldm.data.latent_cache import encode_text
     from ldm.losses import diffusion_loss
@@ -196,9 +195,6 @@ def main(args: argparse.Namespace) -> Path:
                                    args.report_to, args.logging_dir, args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(output_dir)
 
     # ---- models
     vae, text_encoder, tokenizer = load_frozen_components(

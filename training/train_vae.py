@@ -135,7 +135,6 @@ def latent_scaling_factor(vae, loader, num_samples: int, device) -> float:
 def main(args: argparse.Namespace) -> Path:
     from diffusers.optimization import get_scheduler
 
-    from ldm.checkpointing import remove_incomplete
     from ldm.data.image_caption import DataArgs, prepare_training_dataset
     from ldm.train_loop import LoopConfig, run_training
     from ldm.training_utils import check_in_sync, make_accelerator, make_optimizer
@@ -143,9 +142,6 @@ def main(args: argparse.Namespace) -> Path:
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
                                    args.report_to, "logs", args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(output_dir)
     model = PosteriorAutoencoder(build_vae(args).train())
     lpips = perceptual_loss_fn(args.perceptual_weight)
     if lpips is not None:

@@ -125,6 +125,15 @@ def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def check_denoiser_inputs(sample: torch.Tensor, encoder_hidden_states: torch.Tensor, divisor: int, why: str) -> None:
+    """sample (B, C, H, W) with H, W multiples of ``divisor`` (``why`` says which part needs it); text batch B."""
+    b, _, h, w = sample.shape
+    if h % divisor or w % divisor:
+        raise ValueError(f"Latent size {h}x{w} is not divisible by {divisor} ({why}); pick a height/width that is.")
+    if encoder_hidden_states.shape[0] != b:
+        raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} but sample has batch {b}")
+
+
 def broadcast_timestep(timestep: torch.Tensor | float | int, batch: int, device: torch.device) -> torch.Tensor:
     """Scalar, 0-d or (B,) timesteps -> (B,) tensor on ``device``."""
     if not torch.is_tensor(timestep):

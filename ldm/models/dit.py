@@ -32,6 +32,7 @@ from .common import (
     DenoiserAttnProcessor,
     DenoiserOutput,
     broadcast_timestep,
+    check_denoiser_inputs,
     drop_padding,
     feed_forward,
     mask_to_bias,
@@ -207,12 +208,7 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W)."""
         b, _, h, w = sample.shape
         p = self.config.patch_size
-        if h % p or w % p:
-            raise ValueError(f"Latent size {h}x{w} is not divisible by the patch size {p}; pick a height/width that is.")
-        if encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} but sample has batch {b}"
-            )
+        check_denoiser_inputs(sample, encoder_hidden_states, p, "the patch size")
         gh, gw = h // p, w // p
         default_grid = self.config.sample_size // p
         pos = self.pos_embed if gh == gw == default_grid else self._sincos(gh, gw).to(sample.device)

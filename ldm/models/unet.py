@@ -32,6 +32,7 @@ from .common import (
     DenoiserAttnProcessor,
     DenoiserOutput,
     broadcast_timestep,
+    check_denoiser_inputs,
     drop_padding,
     feed_forward,
     mask_to_bias,
@@ -247,16 +248,9 @@ class UNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         return_dict: bool = True,
     ) -> DenoiserOutput | tuple[torch.Tensor]:
         """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W)."""
-        b, _, h, w = sample.shape
-        if h % self.sample_divisor or w % self.sample_divisor:
-            raise ValueError(
-                f"Latent size {h}x{w} is not divisible by {self.sample_divisor} (the U-Net halves the resolution "
-                f"{len(self.config.block_out_channels) - 1} times); pick a height/width that is."
-            )
-        if encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} but sample has batch {b}"
-            )
+        b = sample.shape[0]
+        check_denoiser_inputs(sample, encoder_hidden_states, self.sample_divisor,
+                              f"the U-Net halves the resolution {len(self.config.block_out_channels) - 1} times")
         timestep = broadcast_timestep(timestep, b, sample.device)
         temb = self.time_embed(timestep, guidance, sample.dtype)
         encoder_hidden_states, encoder_attention_mask = drop_padding(encoder_hidden_states, encoder_attention_mask)
