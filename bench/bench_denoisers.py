@@ -24,156 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
 import time
-import warnings
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipelines` when run from a source checkout
+from common import (  # bench/common.py: also sets the HF offline switches and puts the repo root on sys.path
+    LATENT, NEGATIVE, PROMPT, T0, build_diffusers_unet, build_ldm_dit, build_ldm_unet, build_pixart, build_scheduler,
+    build_text_encoder, build_vae, count_flops, env_record, footer_lines, interleaved, log, med, n_params, quiet,
+)
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
-T0 = time.perf_counter()
-PROMPT = "a photo of a small red fox sitting in the snow, high quality"
-NEGATIVE = ""
-TEXT_WIDTH, BATCH, LATENT, STEPS, GUIDANCE, PIXELS = 256, 2, 32, 20, 7.5, 256
-
-
-def log(*a) -> None:
-    print(f"[{time.perf_counter() - T0:6.1f}s]", *a, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------ components
-# Same sizes as the diffusers baseline (bench-diffusers/components.py); random weights, seeded, offline.
-def build_text_encoder(tokenizer, seed: int = 0):
-    """CLIPTextModel: width 256, 4 layers, 4 heads (3.4M parameters)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=4,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )).eval()
-
-
-def build_vae(seed: int = 0):
-    """AutoencoderKL, channels (64, 128, 128, 128), 2 layers per block, 4 latent channels, x8 (6.9M parameters)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(64, 128, 128, 128), layers_per_block=2,
-        latent_channels=4, norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
-    ).eval()
-
-
-def build_diffusers_unet(seed: int = 0):
-    """UNet2DConditionModel in the SD-1.x layout: (128, 256, 384), 2 layers per block, 8 heads, cross-attn 256."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=(128, 256, 384),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=2,
-        attention_head_dim=8, cross_attention_dim=TEXT_WIDTH, norm_num_groups=32,  # legacy name: 8 *heads*
-    ).eval()
-
-
-def build_pixart(seed: int = 0):
-    """PixArtTransformer2DModel: 11 layers x 512 (8 heads x 64), patch 2, ada_norm_single, learned sigma."""
-    from diffusers import PixArtTransformer2DModel
-
-    torch.manual_seed(seed)
-    return PixArtTransformer2DModel(
-        num_attention_heads=8, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=11,
-        cross_attention_dim=512, caption_channels=TEXT_WIDTH, sample_size=LATENT, patch_size=2,
-        norm_type="ada_norm_single", use_additional_conditions=False,
-    ).eval()
-
-
-def _wake(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Small random values in the zero-initialised output layers, so the outputs depend on the weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
-
-
-def build_ldm_unet(head_dim: int, seed: int = 0):
-    """ldm UNetModel with the diffusers UNet's layout; heads = channels / head_dim per level."""
-    from ldm import UNetModel
-
-    torch.manual_seed(seed)
-    return _wake(UNetModel(
-        sample_size=LATENT, in_channels=4, block_out_channels=(128, 256, 384), attention_levels=(True, True, False),
-        layers_per_block=2, attention_head_dim=head_dim, cross_attention_dim=TEXT_WIDTH, norm_num_groups=32,
-    ), seed)
-
-
-def build_ldm_dit(seed: int = 0):
-    """ldm DiTModel with PixArt's size: 11 x 512, 8 heads, patch 2, adaLN-single, learned sigma."""
-    from ldm import DiTModel
-
-    torch.manual_seed(seed)
-    return _wake(DiTModel(
-        sample_size=LATENT, in_channels=4, learned_sigma=True, patch_size=2, hidden_size=512, depth=11,
-        num_attention_heads=8, mlp_ratio=4.0, cross_attention_dim=TEXT_WIDTH, adaln="single",
-    ), seed)
-
-
-def build_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )
-
-
-def n_params(m: torch.nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-# ------------------------------------------------------------------------------------------------ measuring
-# FlopCounterMode has no formula for the CPU flash-attention kernel that F.scaled_dot_product_attention uses on CPU;
-# without this, attention would count as 0 FLOPs.
-FLOP_MAP = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-}
-
-
-def count_flops(fn) -> int:
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_MAP)
-    with torch.no_grad(), counter:
-        fn()
-    return int(counter.get_total_flops())
-
-
-def interleaved(fns: dict, warmup: int, reps: int) -> dict[str, list[float]]:
-    """Run every fn ``warmup`` times, then ``reps`` rounds of A, B, C, ... ; seconds per call, per name."""
-    times = {k: [] for k in fns}
-    with torch.no_grad():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(reps):
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
-    return times
+BATCH, STEPS, GUIDANCE, PIXELS = 2, 20, 7.5, 256
 
 
 class Instrument:
@@ -222,10 +82,6 @@ class Instrument:
     def __exit__(self, *exc):
         for undo in reversed(self._undo):
             undo()
-
-
-def med(xs):
-    return statistics.median(xs)
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -391,15 +247,7 @@ def table(res: dict) -> str:
             lines.append(f"{name:20s} {r['total_s']:8.2f} {r['outside_denoiser_and_decode_pct']:9.2f} "
                          f"{r['outside_denoiser_and_decode_pct_max']:6.2f} {r['outside_ms']:10.1f} "
                          f"{r['measured_outside_denoiser_pct']:12.2f}  {brk}")
-    if res.get("targets"):
-        lines += ["", "targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in res["targets"].items())]
-    env = res["env"]
-    lines.append(f"load average before / after: {env['loadavg_start']} / {env['loadavg_end']} on "
-                 f"{env['cpu_count']} CPUs")
-    if max(env["loadavg_start"], env["loadavg_end"]) > env["threads"] + 0.5:
-        lines.append("WARNING: other processes competed for the cores during this run; medians are inflated by "
-                     "them, the min-based ratio r(min) is the steadier figure.")
-    return "\n".join(lines)
+    return "\n".join(lines + footer_lines(res))
 
 
 HEADS = {"diffusers_unet": "8/8/8", "pixart": "8", "ldm_dit": "8", "ldm_dit_77": "8"}
@@ -422,22 +270,10 @@ def main() -> None:
     pipe_reps = args.pipeline_repeats or (2 if args.quick else 3)
 
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    import diffusers
-    import transformers
-
+    quiet()
     from ldm.tokenizer import load_tokenizer
 
-    res = {"env": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                   "transformers": transformers.__version__, "python": platform.python_version(),
-                   "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                   "cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": "float32",
-                   "loadavg_start": round(os.getloadavg()[0], 2), "argv": sys.argv[1:]}}
+    res = {"env": env_record(torch.get_num_threads())}
     log("building components")
     tok = load_tokenizer()
     c = {"tokenizer": tok, "text_encoder": build_text_encoder(tok), "vae": build_vae(),

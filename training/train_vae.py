@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="channels per level; the downsampling factor is 2^(levels - 1)")
     g.add_argument("--layers_per_block", type=int, default=1)
     g.add_argument("--latent_channels", type=int, default=4)
-    g.add_argument("--norm_num_groups", type=int, default=16)
+    g.add_argument("--norm_num_groups", type=int, default=8,
+                   help="GroupNorm groups; keep several channels per group at the widest level (a group of one "
+                        "channel normalises it alone over the image and the decoder loses absolute colour)")
     g = p.add_argument_group("loss")
     g.add_argument("--kl_weight", type=float, default=1e-6)
     g.add_argument("--mse_weight", type=float, default=1.0)
@@ -80,6 +82,13 @@ def build_vae(args):
     if args.pretrained_vae:
         return AutoencoderKL.from_pretrained(args.pretrained_vae, use_safetensors=True)
     levels = len(args.block_out_channels)
+    if any(c % args.norm_num_groups for c in args.block_out_channels):
+        raise ValueError(f"--norm_num_groups {args.norm_num_groups} must divide every --block_out_channels entry "
+                         f"{args.block_out_channels}")
+    if args.block_out_channels[0] // args.norm_num_groups < 2:
+        logger.warning("--norm_num_groups %d gives one channel per group at %d channels: each channel is normalised "
+                       "alone and flat colours reconstruct poorly; use at most %d groups", args.norm_num_groups,
+                       args.block_out_channels[0], args.block_out_channels[0] // 4)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=args.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
