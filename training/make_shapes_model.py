@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher_steps", type=int, default=3000)
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=4e-4)
+    p.add_argument("--teacher_continue_steps", type=int, default=3000,
+                   help="second teacher stage: fine-tune the first stage's EMA weights with a fresh cosine schedule, "
+                        "the plain v-loss (min-SNR weights the x0 error by min(SNR, 5), ~0 near the zero-SNR end "
+                        "where background and colour are decided) and no flips (captions name left/right); "
+                        "0 skips it")
+    p.add_argument("--teacher_continue_lr", type=float, default=2e-4)
     p.add_argument("--distill_steps", type=int, default=500, help="optimizer steps per distillation stage")
     p.add_argument("--distill_batch_size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=4)
@@ -54,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", default="no")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+VALIDATION_PROMPTS = ("a red circle on a white background", "a blue square on a black background",
+                      "a green triangle on a gray background", "a yellow circle on a blue background")
 
 
 def run(script: str, *args) -> None:
@@ -102,9 +113,19 @@ def main(args: argparse.Namespace) -> None:
             "--train_batch_size", args.teacher_batch_size, "--learning_rate", args.teacher_lr,
             "--lr_scheduler", "cosine", "--lr_warmup_steps", "200", "--checkpointing_steps", "1000",
             "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-            "--validation_prompts", "a red circle on a white background", "a blue square on a black background",
-            "a green triangle on a gray background", "a yellow circle on a blue background",
-            "--validation_steps", "2000", "--validation_guidance_scale", args.guidance_scale)
+            "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", "2000",
+            "--validation_guidance_scale", args.guidance_scale)
+    if args.teacher_continue_steps:
+        first_dir, teacher_dir = teacher_dir, work / "teacher-continued"
+        if not (teacher_dir / "model_index.json").is_file():
+            run("train_t2i.py", *common, "--pretrained_model_name_or_path", first_dir, "--output_dir", teacher_dir,
+                "--cache_latents", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr",
+                "--caption_dropout", "0.1", "--use_ema", "--ema_decay", "0.999",
+                "--max_train_steps", args.teacher_continue_steps, "--train_batch_size", args.teacher_batch_size,
+                "--learning_rate", args.teacher_continue_lr, "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
+                "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--resume_from_checkpoint",
+                "latest", "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", "1000",
+                "--validation_guidance_scale", args.guidance_scale)
     timings["teacher_minutes"] = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
@@ -115,7 +136,7 @@ def main(args: argparse.Namespace) -> None:
         run("distill.py", "--teacher", teacher_dir, "--teacher_steps", "64", "--rounds", args.rounds,
             "--guidance_distillation", "--default_guidance_scale", args.guidance_scale, "--guidance_scale_min", "1",
             "--guidance_scale_max", "8", "--dataset_name", "shapes", "--max_train_samples", args.num_samples,
-            "--cache_latents", "--random_flip", "--steps_per_round", args.distill_steps,
+            "--cache_latents", "--steps_per_round", args.distill_steps,
             "--train_batch_size", args.distill_batch_size, "--learning_rate", "1e-4", "--use_ema",
             "--checkpointing_steps", "500", "--output_dir", distill_dir, "--seed", args.seed,
             "--mixed_precision", args.mixed_precision,
@@ -142,9 +163,7 @@ def main(args: argparse.Namespace) -> None:
         pipe.save_pretrained(target)
         if (source / "validation.png").is_file():
             shutil.copy(source / "validation.png", target / "validation.png")
-        # the card's usage line names the folder the model was trained in; point it at the shipped one
-        card = (source / "README.md").read_text().replace(f'from_pretrained("{source}")', f'from_pretrained("{target}")')
-        (target / "README.md").write_text(card)
+        ship_card(source, target)
     report = {"timings_minutes": {k: round(v, 1) for k, v in timings.items()}}
     for name, steps in (("shapes-teacher", 50), ("shapes-student", None)):
         cmd = ["evaluate.py", "--model", out / name, "--num_prompts", args.eval_prompts,
@@ -157,6 +176,15 @@ def main(args: argparse.Namespace) -> None:
     for name in ("shapes-teacher", "shapes-student"):
         append_evaluation(out / name / "README.md", report[name], args)
     print(json.dumps(report, indent=2))
+
+
+def ship_card(source: Path, target: Path) -> None:
+    """Copy the card of the folder a model was trained in, titled and loaded by its shipped name instead."""
+    card = (source / "README.md").read_text()
+    for name in (str(source), source.name):
+        card = card.replace(f'from_pretrained("{name}")', f'from_pretrained("{target}")')
+    card = re.sub(r"^# .*$", f"# {target.name}", card, count=1, flags=re.MULTILINE)
+    (target / "README.md").write_text(card)
 
 
 def append_evaluation(card: Path, result: dict, args: argparse.Namespace) -> None:

@@ -139,6 +139,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--learned_variance changes the denoiser's output layer; it cannot be trained with LoRA.")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.snr_gamma is not None and args.rescale_betas_zero_snr:
+        logger.warning("--snr_gamma with --rescale_betas_zero_snr: min-SNR weights the x0 error by min(SNR, gamma), "
+                       "which is ~0 near the zero-SNR end where the text decides layout and colour; prompt "
+                       "following can suffer. Drop --snr_gamma to keep the plain %s loss there.",
+                       args.prediction_type)
 
 
 # ---------------------------------------------------------------------------------------------------- components
