@@ -457,6 +457,14 @@ def test_teacher_steps_must_halve_exactly(script):
         script.parse_args(["--teacher", "x", "--train_data_dir", "d", "--teacher_steps", "12", "--rounds", "3"])
 
 
+@pytest.mark.parametrize("rounds", ["-1", "0"], ids=["negative", "zero-unguided"])
+def test_rounds_must_leave_something_to_do(script, rounds):
+    with pytest.raises(ValueError, match="give at least 1 halving round"):
+        script.parse_args(["--teacher", "x", "--train_data_dir", "d", "--rounds", rounds])
+    # zero rounds is fine when guidance is folded in (a guidance-only stage)
+    script.parse_args(["--teacher", "x", "--train_data_dir", "d", "--rounds", "0", "--guidance_distillation"])
+
+
 # ---------------------------------------------------------------------------------------------- guidance fold / teacher
 @pytest.mark.parametrize("build", [tiny_unet, tiny_dit], ids=["unet", "dit"])
 def test_guidance_student_starts_as_the_teachers_conditional_branch(script, build):

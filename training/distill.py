@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.guidance_scale_min <= args.default_guidance_scale <= args.guidance_scale_max:
         raise ValueError("Need 0 < --guidance_scale_min <= --default_guidance_scale <= --guidance_scale_max, got "
                          f"{args.guidance_scale_min}, {args.default_guidance_scale}, {args.guidance_scale_max}.")
+    if args.rounds < 0 or (args.rounds == 0 and not args.guidance_distillation):
+        raise ValueError(f"--rounds {args.rounds}: give at least 1 halving round, or 0 with --guidance_distillation "
+                         f"to fold guidance in only.")
     if args.teacher_steps % (2 ** args.rounds):
         raise ValueError(f"--teacher_steps {args.teacher_steps} cannot be halved {args.rounds} times exactly; "
                          f"use a power of two such as 64.")
