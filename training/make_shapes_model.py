@@ -101,6 +101,14 @@ def main(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     teacher_dir = work / "teacher"
+    # both teacher stages: v-prediction on a zero-terminal-SNR schedule, cached latents, EMA, cosine LR, resumable
+    teacher_common = [
+        *common, "--cache_latents", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr",
+        "--caption_dropout", "0.1", "--use_ema", "--ema_decay", "0.999", "--train_batch_size", args.teacher_batch_size,
+        "--lr_scheduler", "cosine", "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1",
+        "--resume_from_checkpoint", "latest", "--validation_prompts", *VALIDATION_PROMPTS,
+        "--validation_guidance_scale", args.guidance_scale,
+    ]
     if not (teacher_dir / "model_index.json").is_file():
         factor = 2 ** (len(args.vae_channels) - 1)
         config = work / "teacher_unet.json"
@@ -109,26 +117,16 @@ def main(args: argparse.Namespace) -> None:
             "layers_per_block": args.unet_layers, "attention_head_dim": 32, "norm_num_groups": 16,
             "sample_size": args.resolution // factor,
         }))
-        run("train_t2i.py", *common, "--vae", vae_dir, "--text_encoder", text_dir, "--denoiser", "unet",
-            "--denoiser_config", config, "--output_dir", teacher_dir, "--cache_latents", "--random_flip",
-            "--prediction_type", "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5",
-            "--caption_dropout", "0.1", "--use_ema", "--ema_decay", "0.999", "--max_train_steps", args.teacher_steps,
-            "--train_batch_size", args.teacher_batch_size, "--learning_rate", args.teacher_lr,
-            "--lr_scheduler", "cosine", "--lr_warmup_steps", "200", "--checkpointing_steps", "1000",
-            "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest",
-            "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", "2000",
-            "--validation_guidance_scale", args.guidance_scale)
+        run("train_t2i.py", *teacher_common, "--vae", vae_dir, "--text_encoder", text_dir, "--denoiser", "unet",
+            "--denoiser_config", config, "--output_dir", teacher_dir, "--random_flip", "--snr_gamma", "5",
+            "--max_train_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--lr_warmup_steps", "200",
+            "--validation_steps", "2000")
     if args.teacher_continue_steps:
         first_dir, teacher_dir = teacher_dir, work / "teacher-continued"
         if not (teacher_dir / "model_index.json").is_file():
-            run("train_t2i.py", *common, "--pretrained_model_name_or_path", first_dir, "--output_dir", teacher_dir,
-                "--cache_latents", "--prediction_type", "v_prediction", "--rescale_betas_zero_snr",
-                "--caption_dropout", "0.1", "--use_ema", "--ema_decay", "0.999",
-                "--max_train_steps", args.teacher_continue_steps, "--train_batch_size", args.teacher_batch_size,
-                "--learning_rate", args.teacher_continue_lr, "--lr_scheduler", "cosine", "--lr_warmup_steps", "100",
-                "--checkpointing_steps", "1000", "--checkpoints_total_limit", "1", "--resume_from_checkpoint",
-                "latest", "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", "1000",
-                "--validation_guidance_scale", args.guidance_scale)
+            run("train_t2i.py", *teacher_common, "--pretrained_model_name_or_path", first_dir,
+                "--output_dir", teacher_dir, "--max_train_steps", args.teacher_continue_steps,
+                "--learning_rate", args.teacher_continue_lr, "--lr_warmup_steps", "100", "--validation_steps", "1000")
     timings["teacher_minutes"] = (time.perf_counter() - start) / 60
 
     start = time.perf_counter()
