@@ -35,6 +35,7 @@ class LoopConfig:
     gradient_accumulation_steps: int = 1
     seed: int = 0
     desc: str = "Steps"
+    log_prefix: str = ""  # tracker tags become f"{log_prefix}loss" ... (distill.py: one prefix per stage)
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -105,7 +106,7 @@ def run_training(
             logs.update(out.logs() if hasattr(out, "logs") else {})
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log(logs, step=step)
+            accelerator.log({cfg.log_prefix + k: v for k, v in logs.items()}, step=step)
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
                 save_checkpoint(accelerator, output_dir, step,
                                 {"epoch": epoch, "batches_in_epoch": batches_done, "skipped": dict(cfg.skipped)},

@@ -158,7 +158,8 @@ def guided_run(script, teachers) -> tuple[Path, list[str]]:
     """DiT with EMA: guidance folded in on the 4-step grid, then one halving round to 2 steps."""
     out = teachers["data"].parent / "dit-guided"
     logs = run_distill(script, teachers["dit"], out, teachers["data"], "--teacher_steps", "4", "--rounds", "1",
-                       "--steps_per_round", "2", "--guidance_distillation", "--use_ema")
+                       "--steps_per_round", "2", "--guidance_distillation", "--use_ema",
+                       "--guidance_learning_rate", "2e-3", "--report_to", "tensorboard")
     return out, logs
 
 
@@ -426,6 +427,19 @@ def test_guidance_distillation_folds_cfg_into_one_forward(guided_run, teachers, 
     check_stage(out / "guided-4-steps", 4, 4, 0, True, DiTModel, caplog)
     card = check_stage(out / "round-1-2-steps", 2, 4, 1, True, DiTModel, caplog)
     assert str(teachers["dit"]) in card and "runs **one** denoiser forward per step" in card
+    # the fold trains at --guidance_learning_rate, the halving round at --learning_rate
+    assert sum("Stage guided-4-steps:" in m and m.endswith("peak learning rate 0.002") for m in logs) == 1
+    assert sum("Stage round-1-2-steps:" in m and m.endswith("peak learning rate 0.001") for m in logs) == 1
+    # one tensorboard run with a loss/lr curve per stage, each starting at its step 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (out / "logs" / "distill").glob("events.out.tfevents.*")
+    curves = EventAccumulator(str(events))
+    curves.Reload()
+    for stage, steps, peak in (("guided-4-steps", 2, 2e-3), ("round-1-2-steps", 2, 1e-3)):
+        assert [e.step for e in curves.Scalars(f"{stage}/loss")] == list(range(1, steps + 1))
+        # linear decay to 0 within the stage: after step 1 of 2 the rate is half the stage's peak
+        assert curves.Scalars(f"{stage}/lr")[0].value == pytest.approx(peak / 2)
 
 
 def test_rerun_skips_finished_rounds_and_retrains_only_a_missing_one(script, unet_run, teachers, tmp_path):

@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance_distillation", action="store_true",
                    help="fold classifier-free guidance into the students (one forward per step)")
     p.add_argument("--guidance_steps", type=int, default=None, help="steps of the guidance stage (default: a round)")
+    p.add_argument("--guidance_learning_rate", type=float, default=None,
+                   help="peak learning rate of the guidance stage (default: --learning_rate)")
     p.add_argument("--guidance_scale_min", type=float, default=1.0)
     p.add_argument("--guidance_scale_max", type=float, default=8.0)
     p.add_argument("--default_guidance_scale", type=float, default=5.0,
@@ -163,6 +165,9 @@ def main(args: argparse.Namespace) -> Path:
             teacher_steps=stage.teacher_steps, distillation_round=stage.round,
             guidance_scale=args.default_guidance_scale if stage.guided_student else None, timestep_spacing="trailing")
 
+    if accelerator.is_main_process:  # one run; each stage logs its own curves ("round-1-32-steps/loss", ...)
+        accelerator.init_trackers("distill", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                     for k, v in vars(args).items()})
     teacher, teacher_kind = base, kind
     for stage in plan_stages(args):
         stage_dir = output_dir / stage.folder
@@ -221,8 +226,10 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     with torch.no_grad():
         empty_embeds, empty_mask = encode_text(tokenizer, text_encoder, [""])
     params = list(student.parameters())
-    optimizer = make_optimizer(params, args.learning_rate, weight_decay=args.adam_weight_decay)
-    max_steps = args.guidance_steps or args.steps_per_round if stage.round == 0 else args.steps_per_round
+    fold = stage.round == 0
+    learning_rate = (args.guidance_learning_rate or args.learning_rate) if fold else args.learning_rate
+    optimizer = make_optimizer(params, learning_rate, weight_decay=args.adam_weight_decay)
+    max_steps = (args.guidance_steps or args.steps_per_round) if fold else args.steps_per_round
     lr_scheduler = get_scheduler("linear", optimizer,  # annealed to 0 within each round, as in Salimans & Ho
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
@@ -276,9 +283,11 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
 
     work_dir = Path(args.output_dir) / f"work-{stage.folder}"
     loop = LoopConfig(work_dir, max_steps, args.checkpointing_steps, args.checkpoints_total_limit, "latest",
-                      args.max_grad_norm, args.gradient_accumulation_steps, args.seed, desc=stage.folder)
-    logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps", stage.folder, stage.teacher_steps,
-                stage.student_steps, " (guidance folded in)" if stage.guided_student else "", max_steps)
+                      args.max_grad_norm, args.gradient_accumulation_steps, args.seed, desc=stage.folder,
+                      log_prefix=f"{stage.folder}/")
+    logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps, peak learning rate %g", stage.folder,
+                stage.teacher_steps, stage.student_steps, " (guidance folded in)" if stage.guided_student else "",
+                max_steps, optimizer.param_groups[0]["initial_lr"])
     run_training(accelerator, student, optimizer, lr_scheduler, loader, compute_loss, params, loop, ema=ema)
     unwrapped = accelerator.unwrap_model(student)
     check_in_sync(accelerator, unwrapped)
