@@ -456,7 +456,8 @@ def test_rerun_skips_finished_rounds_and_retrains_only_a_missing_one(script, une
 
     shutil.rmtree(out / "round-2-2-steps")
     logs = run_distill(script, teachers["unet"], out, teachers["data"], *args)
-    assert [m for m in logs if m.startswith("Stage ")] == ["Stage round-2-2-steps: 4 -> 2 steps, 3 optimizer steps"]
+    assert [m for m in logs if m.startswith("Stage ")] == [
+        "Stage round-2-2-steps: 4 -> 2 steps, 3 optimizer steps, peak learning rate 0.001"]
     assert digest(out / "round-1-4-steps") == before["round-1-4-steps"]
     # the re-trained round repeats the original one (same seeded draws, same teacher)
     retrained = UNetModel.from_pretrained(out / "round-2-2-steps", subfolder="denoiser")
