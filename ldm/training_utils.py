@@ -58,6 +58,13 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
     return accelerator
 
 
+def tracker_config(args) -> dict:
+    """A script's arguments for the trackers and ``training_args.json``: scalars as they are, anything else as a
+    string, the Hub token left out."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in vars(args).items() if k != "hub_token"}
+
+
 def weight_dtype_of(accelerator) -> torch.dtype:
     """The dtype for frozen models under the accelerator's mixed precision."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)

@@ -140,7 +140,7 @@ def make_student(teacher, guided_student: bool):
 
 def main(args: argparse.Namespace) -> Path:
     from ldm import ProgressiveDistillationScheduler
-    from ldm.training_utils import load_frozen_components, load_pipeline_denoiser, make_accelerator
+    from ldm.training_utils import load_frozen_components, load_pipeline_denoiser, make_accelerator, tracker_config
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
@@ -166,8 +166,7 @@ def main(args: argparse.Namespace) -> Path:
             guidance_scale=args.default_guidance_scale if stage.guided_student else None, timestep_spacing="trailing")
 
     if accelerator.is_main_process:  # one run; each stage logs its own curves ("round-1-32-steps/loss", ...)
-        accelerator.init_trackers("distill", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                                     for k, v in vars(args).items()})
+        accelerator.init_trackers("distill", config=tracker_config(args))
     teacher, teacher_kind = base, kind
     for stage in plan_stages(args):
         stage_dir = output_dir / stage.folder
@@ -287,7 +286,7 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
                       log_prefix=f"{stage.folder}/")
     logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps, peak learning rate %g", stage.folder,
                 stage.teacher_steps, stage.student_steps, " (guidance folded in)" if stage.guided_student else "",
-                max_steps, optimizer.param_groups[0]["initial_lr"])
+                max_steps, learning_rate)
     run_training(accelerator, student, optimizer, lr_scheduler, loader, compute_loss, params, loop, ema=ema)
     unwrapped = accelerator.unwrap_model(student)
     check_in_sync(accelerator, unwrapped)

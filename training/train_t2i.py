@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> Path:
     from ldm.train_loop import LoopConfig, run_training
     from ldm.training_utils import (
         LatentBatcher, check_in_sync, load_frozen_components, make_accelerator, make_optimizer,
-        make_train_dataloader, weight_dtype_of,
+        make_train_dataloader, tracker_config, weight_dtype_of,
     )
 
     output_dir = Path(args.output_dir)
@@ -256,8 +256,7 @@ def main(args: argparse.Namespace) -> Path:
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
 
     if accelerator.is_main_process:
-        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-                  for k, v in vars(args).items() if k != "hub_token"}
+        config = tracker_config(args)
         accelerator.init_trackers("train_t2i", config=config)
         (output_dir / "training_args.json").write_text(json.dumps(config, indent=2))
 
