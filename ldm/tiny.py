@@ -30,8 +30,14 @@ def _wake_zero_init(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Modul
 
 
 def tiny_text_encoder(tokenizer, hidden_size: int = TEXT_WIDTH, seed: int = 0, num_layers: int = 2,
-                      num_heads: int = 2) -> CLIPTextModel:
-    """Small seeded ``CLIPTextModel`` sized from ``len(tokenizer)`` (which can exceed vocab.json)."""
+                      num_heads: int = 2, token_embedding_std: float | None = None) -> CLIPTextModel:
+    """Small seeded ``CLIPTextModel`` sized from ``len(tokenizer)`` (which can exceed vocab.json).
+
+    ``token_embedding_std`` redraws the token embeddings with that std (CLIP's init uses 0.02). A frozen random
+    encoder with 0.02 lets its random layers swamp each word's identity: in "a white circle ...", changing the
+    colour word moves the "circle" state more than changing "circle" to "square" does, so a denoiser trained on
+    it learns whole caption combinations instead of attributes. At 1.0 each word keeps its identity.
+    """
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -40,7 +46,10 @@ def tiny_text_encoder(tokenizer, hidden_size: int = TEXT_WIDTH, seed: int = 0, n
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config).eval()
+    model = CLIPTextModel(config).eval()
+    if token_embedding_std is not None:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=token_embedding_std)
+    return model
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

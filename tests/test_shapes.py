@@ -210,3 +210,30 @@ def test_prompt_accuracy_scores_single_shape_prompts_only():
     assert prompt_accuracy([two, one], [two_attrs, one_attrs])["n"] == 1
     with pytest.raises(ValueError, match="images"):
         prompt_accuracy([one], [one_attrs, one_attrs])
+
+
+def _shape_word_identity_ratio(text_encoder, tokenizer) -> float:
+    """RMS spread of the shape word's final state across shapes / across (colour, background) contexts."""
+    import torch
+
+    colors, backgrounds = list(shapes.COLORS), list(shapes.BACKGROUNDS)
+    captions = [f"a {c} {s} on a {b} background" for c in colors for s in shapes.SHAPES for b in backgrounds]
+    ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = text_encoder(ids).last_hidden_state  # (C*S*B, 77, width)
+    word = states[:, 3].reshape(len(colors), len(shapes.SHAPES), len(backgrounds), -1)  # <bos> a <colour> <shape>
+    word = word - word.mean((0, 1, 2))
+    by_shape = word.mean((0, 2), keepdim=True)
+    return (by_shape.pow(2).sum(-1).mean().sqrt() / (word - by_shape).pow(2).sum(-1).mean().sqrt()).item()
+
+
+def test_text_encoder_token_std_keeps_each_word_identity():
+    """The bundled encoder's recipe: at CLIP's 0.02 init the colour word moves the shape word's state more than
+    the shape does; token embeddings at std 1 make the shape dominate."""
+    from ldm.tiny import tiny_text_encoder
+    from ldm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    clip_init = _shape_word_identity_ratio(tiny_text_encoder(tokenizer, 128, 0, 4, 4), tokenizer)
+    wide = _shape_word_identity_ratio(tiny_text_encoder(tokenizer, 128, 0, 4, 4, token_embedding_std=1.0), tokenizer)
+    assert clip_init < 1.0 < 3.0 < wide

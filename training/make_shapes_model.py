@@ -5,10 +5,12 @@
 
 Stages (each skipped when its output already exists, so an interrupted run picks up where it stopped):
 
-1. text encoder: a seeded ``CLIPTextModel`` on the project tokenizer (frozen, never trained: on real data you would
-   pass a pretrained CLIP such as ``openai/clip-vit-large-patch14`` instead);
+1. text encoder: a seeded ``CLIPTextModel`` on the project tokenizer, token embeddings drawn at std 1 so each word
+   keeps its identity (frozen, never trained: on real data you would pass a pretrained CLIP such as
+   ``openai/clip-vit-large-patch14`` instead);
 2. ``train_vae.py``: an ``AutoencoderKL`` on the built-in shapes data;
-3. ``train_t2i.py``: the teacher U-Net (v-prediction, zero-terminal-SNR, min-SNR, cached latents, EMA);
+3. ``train_t2i.py``: the teacher U-Net (v-prediction, zero-terminal-SNR, plain v-loss, cached latents, EMA; no
+   flips, since captions name left and right);
 4. ``distill.py``: guidance folding, then progressive distillation 64 -> 32 -> 16 -> 8 -> 4 steps;
 5. copy the teacher (DDIM, trailing) and the 4-step student to ``--output_dir`` and evaluate both on the held-out
    prompts (``evaluate.py``), writing ``EVALUATION.json`` and sample grids.
@@ -36,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=20000, help="training images rendered")
     p.add_argument("--text_width", type=int, default=128)
     p.add_argument("--text_layers", type=int, default=4)
+    p.add_argument("--text_token_std", type=float, default=1.0,
+                   help="std of the random text encoder's token embeddings (CLIP init: 0.02, at which its random "
+                        "layers entangle the colour and shape words and held-out combinations suffer)")
     p.add_argument("--vae_channels", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--vae_norm_groups", type=int, default=4,
                    help="GroupNorm groups; 16 channels in 16 groups normalise each channel alone and lose colour")
@@ -44,14 +49,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128])
     p.add_argument("--unet_attention", type=int, nargs="+", default=[0, 1])
     p.add_argument("--unet_layers", type=int, default=1, help="ResBlocks per level on the way down")
-    p.add_argument("--teacher_steps", type=int, default=3000)
+    p.add_argument("--teacher_steps", type=int, default=5000)
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=4e-4)
-    p.add_argument("--teacher_continue_steps", type=int, default=3000,
-                   help="second teacher stage: fine-tune the first stage's EMA weights with a fresh cosine schedule, "
-                        "the plain v-loss (min-SNR weights the x0 error by min(SNR, 5), ~0 near the zero-SNR end "
-                        "where background and colour are decided) and no flips (captions name left/right); "
-                        "0 skips it")
+    p.add_argument("--teacher_snr_gamma", type=float, default=None,
+                   help="min-SNR-gamma weighting for the teacher; default: the plain v-loss (min-SNR weights the x0 "
+                        "error by min(SNR, gamma), ~0 near the zero-SNR end where background and colour are decided)")
+    p.add_argument("--teacher_continue_steps", type=int, default=0,
+                   help="optional second teacher stage: fine-tune the first stage's EMA weights with a fresh cosine "
+                        "schedule; 0 skips it")
     p.add_argument("--teacher_continue_lr", type=float, default=2e-4)
     p.add_argument("--guidance_steps", type=int, default=4000,
                    help="optimizer steps of the guidance-folding stage (500 left the folded student 15 points of "
@@ -91,7 +97,8 @@ def main(args: argparse.Namespace) -> None:
         from ldm.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer()
-        tiny_text_encoder(tokenizer, args.text_width, args.seed, args.text_layers, 4).save_pretrained(text_dir)
+        tiny_text_encoder(tokenizer, args.text_width, args.seed, args.text_layers, 4,
+                          token_embedding_std=args.text_token_std).save_pretrained(text_dir)
         tokenizer.save_pretrained(text_dir)
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").is_file():
@@ -119,8 +126,8 @@ def main(args: argparse.Namespace) -> None:
             "sample_size": args.resolution // factor,
         }))
         run("train_t2i.py", *teacher_common, "--vae", vae_dir, "--text_encoder", text_dir, "--denoiser", "unet",
-            "--denoiser_config", config, "--output_dir", teacher_dir, "--random_flip", "--snr_gamma", "5",
-            "--max_train_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--lr_warmup_steps", "200",
+            "--denoiser_config", config, "--output_dir", teacher_dir,
+            *(["--snr_gamma", args.teacher_snr_gamma] if args.teacher_snr_gamma else []), "--max_train_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--lr_warmup_steps", "200",
             "--validation_steps", "2000")
     if args.teacher_continue_steps:
         first_dir, teacher_dir = teacher_dir, work / "teacher-continued"
