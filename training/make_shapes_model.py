@@ -127,7 +127,8 @@ def main(args: argparse.Namespace) -> None:
         }))
         run("train_t2i.py", *teacher_common, "--vae", vae_dir, "--text_encoder", text_dir, "--denoiser", "unet",
             "--denoiser_config", config, "--output_dir", teacher_dir,
-            *(["--snr_gamma", args.teacher_snr_gamma] if args.teacher_snr_gamma else []), "--max_train_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--lr_warmup_steps", "200",
+            *(["--snr_gamma", args.teacher_snr_gamma] if args.teacher_snr_gamma is not None else []),
+            "--max_train_steps", args.teacher_steps, "--learning_rate", args.teacher_lr, "--lr_warmup_steps", "200",
             "--validation_steps", "2000")
     if args.teacher_continue_steps:
         first_dir, teacher_dir = teacher_dir, work / "teacher-continued"
