@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher_steps", type=int, default=64)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--num_prompts", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0,
+                   help="draws the held-out prompts (heldout_prompts(num_prompts, seed)); image i starts from the "
+                        "noise of seed + i. Another seed gives an independent sample of prompts to check a gap on")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -60,11 +63,12 @@ def main(args) -> dict:
     from pipelines import LatentPipeline
 
     torch.set_num_threads(args.threads)
-    prompts = heldout_prompts(args.num_prompts)
+    prompts = heldout_prompts(args.num_prompts, args.seed)
 
     def measure(name, pipe, steps, forwards):
         pipe.set_progress_bar_config(disable=True)
-        runs = [evaluate_prompt_following(pipe, prompts, steps, args.guidance_scale, batch_size=args.batch_size)
+        runs = [evaluate_prompt_following(pipe, prompts, steps, args.guidance_scale, seed=args.seed,
+                                          batch_size=args.batch_size)
                 for _ in range(args.repeats)]
         print(f"{name}: {statistics.median(r.seconds_per_image for r in runs):.4f} s/image", file=sys.stderr)
         return dict(name=name, steps=steps, forwards_per_step=forwards,
@@ -104,7 +108,7 @@ def main(args) -> dict:
         print(f"| {r['name']} | {r['steps']} | {r['forwards_per_step']} | {r['seconds_per_image']:.4f} | "
               f"{r['speedup']:.1f}x | {r['latent_mse_to_teacher']:.4f} | {r['color']:.1f} | {r['shape']:.1f} | "
               f"{r['background']:.1f} |")
-    summary = {"prompts": args.num_prompts, "guidance_scale": args.guidance_scale, "rows": table}
+    summary = {"prompts": args.num_prompts, "seed": args.seed, "guidance_scale": args.guidance_scale, "rows": table}
     print(json.dumps(summary))
     return summary
 
