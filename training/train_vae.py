@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> Path:
 
     from ldm.data.image_caption import DataArgs, prepare_training_dataset
     from ldm.train_loop import LoopConfig, run_training
-    from ldm.training_utils import check_in_sync, make_accelerator, make_optimizer
+    from ldm.training_utils import check_in_sync, make_accelerator, make_optimizer, tracker_config
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
@@ -169,7 +169,7 @@ def main(args: argparse.Namespace) -> Path:
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_vae", config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers("train_vae", config=tracker_config(args))
 
     class Out:
         def __init__(self, loss, rec, kl):
