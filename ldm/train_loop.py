@@ -20,6 +20,7 @@ from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .training_utils import all_finite, nan_error, step_generator
 
 logger = logging.getLogger(__name__)
+_REASONS = ("no_caption", "bad_image")  # the streaming filter's ``skipped_<reason>`` batch fields
 
 
 @dataclass
@@ -60,14 +61,32 @@ def run_training(
 
     output_dir = Path(cfg.output_dir)
     step, epoch, batches_done = 0, 0, 0
+    streamed = Counter()  # bad rows this process saw in streaming batches since the start or the resume
     resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
         step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        positions = state.get("positions", [])  # per process: streams split by file can end epochs apart
+        if len(positions) == accelerator.num_processes:
+            epoch, batches_done = positions[accelerator.process_index]
         if "skipped" in state:  # the saved counts already include those found up front (map-style data)
             cfg.skipped.clear()
             cfg.skipped.update(state["skipped"])
         logger.info("Resumed from %s at step %d (epoch %d, %d batches in)", resume_path, step, epoch, batches_done)
+
+    def progress_state() -> dict:
+        """Data position and bad-row counts over all processes (a collective call: every process makes it)."""
+        local = torch.tensor([[epoch, batches_done, *(streamed[r] for r in _REASONS)]], device=accelerator.device)
+        rows = accelerator.gather(local).tolist()
+        skipped = Counter(cfg.skipped)
+        for i, reason in enumerate(_REASONS):
+            if total := sum(row[2 + i] for row in rows):
+                skipped[reason] += total
+        state = {"epoch": epoch, "batches_in_epoch": batches_done, "skipped": dict(skipped)}
+        if accelerator.num_processes > 1:
+            state["positions"] = [row[:2] for row in rows]
+        return state
+
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.desc,
                     disable=not accelerator.is_local_main_process)
@@ -75,6 +94,7 @@ def run_training(
     while step < cfg.max_train_steps:
         loader.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
+        fresh_epoch = batches_done == 0
         for batch in epoch_loader:
             generator = step_generator(cfg.seed, step * cfg.gradient_accumulation_steps + micro_in_step,
                                        accelerator.process_index)
@@ -92,9 +112,9 @@ def run_training(
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
             if epoch == 0:  # streaming data reports its bad rows again on every pass: count the first one
-                for reason in ("no_caption", "bad_image"):
+                for reason in _REASONS:
                     if f"skipped_{reason}" in batch:
-                        cfg.skipped[reason] += int(batch[f"skipped_{reason}"].sum())
+                        streamed[reason] += int(batch[f"skipped_{reason}"].sum())
             if not accelerator.sync_gradients:
                 micro_in_step += 1
                 continue
@@ -108,14 +128,17 @@ def run_training(
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             accelerator.log({cfg.log_prefix + k: v for k, v in logs.items()}, step=step)
             if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-                save_checkpoint(accelerator, output_dir, step,
-                                {"epoch": epoch, "batches_in_epoch": batches_done, "skipped": dict(cfg.skipped)},
-                                cfg.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, step, progress_state(), cfg.checkpoints_total_limit)
             if after_step is not None:
                 after_step(step)
             if step >= cfg.max_train_steps:
                 break
         else:
+            if fresh_epoch and batches_done == 0:
+                progress.close()
+                raise ValueError("The training data gave no batch in a whole pass: it has fewer usable rows than one "
+                                 "batch per process. Use more data or a smaller --train_batch_size.")
             epoch, batches_done = epoch + 1, 0
     progress.close()
+    cfg.skipped = Counter(progress_state()["skipped"])
     return step

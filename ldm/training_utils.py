@@ -24,23 +24,31 @@ def multi_process_without_accelerator() -> bool:
 
 
 def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
-                     report_to: str = "tensorboard", logging_dir: str = "logs", seed: int = 0):
+                     report_to: str = "tensorboard", logging_dir: str = "logs", seed: int = 0, streaming: bool = False):
     """An ``Accelerator`` with a seedable sampler (resumable data order), trackers under ``output_dir/logging_dir``,
     quiet logging on non-main processes and the global seed set; ``output_dir`` exists and holds no leftovers of an
-    interrupted checkpoint save."""
+    interrupted checkpoint save.
+
+    Every process reads its own batches (``dispatch_batches=False``): accelerate's dispatching would concatenate the
+    batches on the main process and cannot carry the captions (strings). For ``streaming`` data the processes' epochs
+    can end at different batches (a data set with at least one file per process is split by file), so gradient
+    accumulation then syncs every ``gradient_accumulation_steps`` batches only, not also at an epoch's end.
+    """
     import diffusers
     import transformers
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration,
+                                  set_seed)
 
     output_dir = Path(output_dir)
     accelerator = Accelerator(
         cpu=multi_process_without_accelerator(),
-        gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=gradient_accumulation_steps,
+                                                                sync_with_dataloader=not streaming),
         mixed_precision=mixed_precision,
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, dispatch_batches=False),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
@@ -216,8 +224,11 @@ def make_train_dataloader(accelerator, data_args, vae, text_encoder, tokenizer, 
         dataset, collator, skipped = prepare_training_dataset(data_args)
         if cache_latents:
             dataset = cache_latents_and_text(dataset, collator, vae, text_encoder, tokenizer, cache_dir, random_flip)
+    # several processes on a stream with fewer files than processes: each reads the whole stream and keeps its own
+    # batches of every round; drop_last stops accelerate from padding the ragged last round with repeated rows
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=not data_args.streaming,
         collate_fn=None if cache_latents else collator, num_workers=num_workers,
+        drop_last=data_args.streaming and accelerator.num_processes > 1,
     )
     return loader, skipped

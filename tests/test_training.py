@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -428,9 +429,48 @@ def _two_processes(env: Env) -> dict:
     return {"out": out, "result": run_script(cmd, env.root, timeout=300)}
 
 
+def _two_processes_streaming(env: Env) -> dict:
+    """Two processes streaming (1) the imagefolder, one file that each process reads whole, keeping its own batches;
+    (2) the same rows as two Arrow files of 7 and 5 rows, split by file: 6 steps, then the run resumed from a copy
+    of its checkpoint-3. (Arrow, not parquet: datasets sleeps 5 s whenever a shuffled parquet stream ends a pass.)"""
+    import datasets
+    import pyarrow as pa
+
+    arrow = env.root / "arrow-data"
+    arrow.mkdir()
+    rows = [json.loads(line) for line in (env.data / "metadata.jsonl").read_text().splitlines()]
+    records = [{"image": {"bytes": (env.data / r["file_name"]).read_bytes(), "path": None}, "text": r["text"]}
+               for r in rows]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    for k, part in enumerate((records[:7], records[7:])):
+        table = datasets.Dataset.from_list(part, features=features).data.table
+        with pa.OSFile(str(arrow / f"train-{k}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
+            out.write_table(table)
+
+    def command(output: Path, *flags: str, by_file: bool = False) -> list[str]:
+        script = script_command(env, output, "--streaming", "--max_train_steps", "6", "--checkpointing_steps", "3",
+                                *flags)
+        if by_file:
+            script = without(script, "--train_data_dir") + ["--dataset_name", str(arrow),
+                                                              "--gradient_accumulation_steps", "2"]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port()), *script[1:]]
+
+    one_file = run_script(command(env.root / "stream-one-file"), env.root, timeout=300)
+    split, resumed = env.root / "stream-split", env.root / "stream-split-resumed"
+    full = run_script(command(split, by_file=True), env.root, timeout=300)
+    if full.returncode == 0:
+        resumed.mkdir()
+        shutil.copytree(split / "checkpoint-3", resumed / "checkpoint-3")
+    again = run_script(command(resumed, "--resume_from_checkpoint", "latest", by_file=True), env.root, timeout=300)
+    return {"one_file": one_file, "full": full, "resumed": again}
+
+
 SCENARIOS = {"test_sigkill_during_save_then_resume_latest": _sigkill_during_save,
              "test_sigkill_at_a_random_moment_then_resume": _sigkill_at_random,
-             "test_two_process_training_with_gloo": _two_processes}
+             "test_two_process_training_with_gloo": _two_processes,
+             "test_two_process_streaming_counts_bad_rows_once_and_resumes_exactly": _two_processes_streaming}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -495,6 +535,28 @@ def test_two_process_training_with_gloo(scenarios):
     load_and_sample(out)
 
 
+def test_two_process_streaming_counts_bad_rows_once_and_resumes_exactly(scenarios, env):
+    run = scenarios["test_two_process_streaming_counts_bad_rows_once_and_resumes_exactly"].result()
+    for name in ("one_file", "full", "resumed"):  # the captions travel with each process's own batches
+        assert run[name].returncode == 0, (run[name].stdout + run[name].stderr)[-4000:]
+        assert "Skipped 2 rows: 1 without a caption, 1 with an undecodable image" in run[name].stderr
+
+    def state(folder: str, step: int) -> dict:
+        return json.loads((env.root / folder / f"checkpoint-{step}" / "training_state.json").read_text())
+
+    # one file, 10 usable rows in rounds of 2 processes x batch 2: 2 batches each per epoch (the ragged rows dropped)
+    assert state("stream-one-file", 3)["positions"] == [[1, 1], [1, 1]]
+    assert state("stream-one-file", 6)["positions"] == [[2, 2], [2, 2]]
+    # split by file: 6 and 4 usable rows, 3 and 2 batches per epoch, so the processes' epochs drift apart
+    assert state("stream-split", 3)["positions"] == [[1, 3], [2, 2]]
+    for folder, step in (("stream-one-file", 3), ("stream-one-file", 6), ("stream-split", 6)):
+        assert state(folder, step)["skipped"] == SKIPPED  # summed over the processes, each bad row once
+    assert re.search(r"Resumed from .*checkpoint-3 at step 3 \(epoch 1, 3 batches in\)", run["resumed"].stderr)
+    assert state("stream-split-resumed", 6) == state("stream-split", 6)
+    assert_weights_equal(load_file(env.root / "stream-split-resumed" / WEIGHTS),
+                         load_file(env.root / "stream-split" / WEIGHTS), atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- 7. bad rows
 def test_bad_rows_are_skipped_and_counted(unet_epoch):
     unet_epoch.log(r"Skipped 2 rows of 12: 1 without a caption, 1 with an undecodable image")
@@ -509,6 +571,15 @@ def test_streaming_skips_and_counts_bad_rows(t2i, env):
     assert run.state(10)["skipped"] == SKIPPED and run.state(10)["epoch"] == 1
     run.log(r"Skipped 2 rows: 1 without a caption, 1 with an undecodable image")
     load_and_sample(run.out)
+
+
+def test_stream_without_a_usable_row_fails_instead_of_looping(t2i, env):
+    data = env.root / "all-bad"
+    data.mkdir()
+    shutil.copy(env.data / "00.png", data / "00.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "00.png", "text": "  "}) + "\n")
+    with pytest.raises(ValueError, match="gave no batch in a whole pass"):
+        train(t2i, env, "all-bad", "--streaming", "--train_data_dir", str(data), "--max_train_steps", "2")
 
 
 # ---------------------------------------------------------------------------------------------------- 8. LoRA

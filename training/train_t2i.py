@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> Path:
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
-                                   args.report_to, args.logging_dir, args.seed)
+                                   args.report_to, args.logging_dir, args.seed, streaming=args.streaming)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
