@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
+from .data.image_caption import SKIP_REASONS
 from .training_utils import all_finite, nan_error, step_generator
 
 logger = logging.getLogger(__name__)
-_REASONS = ("no_caption", "bad_image")  # the streaming filter's ``skipped_<reason>`` batch fields
 
 
 @dataclass
@@ -76,10 +76,10 @@ def run_training(
 
     def progress_state() -> dict:
         """Data position and bad-row counts over all processes (a collective call: every process makes it)."""
-        local = torch.tensor([[epoch, batches_done, *(streamed[r] for r in _REASONS)]], device=accelerator.device)
+        local = torch.tensor([[epoch, batches_done, *(streamed[r] for r in SKIP_REASONS)]], device=accelerator.device)
         rows = accelerator.gather(local).tolist()
         skipped = Counter(cfg.skipped)
-        for i, reason in enumerate(_REASONS):
+        for i, reason in enumerate(SKIP_REASONS):
             if total := sum(row[2 + i] for row in rows):
                 skipped[reason] += total
         state = {"epoch": epoch, "batches_in_epoch": batches_done, "skipped": dict(skipped)}
@@ -112,7 +112,7 @@ def run_training(
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
             if epoch == 0:  # streaming data reports its bad rows again on every pass: count the first one
-                for reason in _REASONS:
+                for reason in SKIP_REASONS:
                     if f"skipped_{reason}" in batch:
                         streamed[reason] += int(batch[f"skipped_{reason}"].sum())
             if not accelerator.sync_gradients:

@@ -420,12 +420,16 @@ def _sigkill_at_random(env: Env) -> dict:
     return {"out": out, "killed": killed, "delay": delay, "final_written": final_written, "resumed": resumed}
 
 
+def two_process_launch(script: list[str]) -> list[str]:
+    """``script_command``'s script under ``accelerate launch`` with 2 CPU processes (gloo)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), *script[1:]]
+
+
 def _two_processes(env: Env) -> dict:
     out = env.root / "multi-process"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()),
-           *script_command(env, out, "--max_train_steps", "4", "--checkpointing_steps", "2")[1:]]
+    cmd = two_process_launch(script_command(env, out, "--max_train_steps", "4", "--checkpointing_steps", "2"))
     return {"out": out, "result": run_script(cmd, env.root, timeout=300)}
 
 
@@ -453,9 +457,7 @@ def _two_processes_streaming(env: Env) -> dict:
         if by_file:
             script = without(script, "--train_data_dir") + ["--dataset_name", str(arrow),
                                                               "--gradient_accumulation_steps", "2"]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(free_port()), *script[1:]]
+        return two_process_launch(script)
 
     one_file = run_script(command(env.root / "stream-one-file"), env.root, timeout=300)
     split, resumed = env.root / "stream-split", env.root / "stream-split-resumed"
