@@ -21,14 +21,14 @@ Prints a table, then one JSON line. See bench/README.md for what each figure mea
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 from common import (  # bench/common.py: also sets the HF offline switches and puts the repo root on sys.path
     LATENT, NEGATIVE, PROMPT, T0, build_diffusers_unet, build_ldm_dit, build_ldm_unet, build_pixart, build_scheduler,
-    build_text_encoder, build_vae, count_flops, env_record, footer_lines, interleaved, log, med, n_params, quiet,
+    bench_parser, build_text_encoder, build_vae, count_flops, env_record, footer_lines, interleaved, log, med, n_params,
+    parse_only, quiet,
 )
 
 import torch  # noqa: E402
@@ -254,18 +254,14 @@ HEADS = {"diffusers_unet": "8/8/8", "pixart": "8", "ldm_dit": "8", "ldm_dit_77":
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (4 denoiser rounds, 2 pipeline runs)")
-    ap.add_argument("--only", default="denoiser,pipeline", help="comma list of: denoiser, pipeline")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    sections = ("denoiser", "pipeline")
+    ap = bench_parser(__doc__, sections, "fewer repeats (4 denoiser rounds, 2 pipeline runs)")
     ap.add_argument("--repeats", type=int, default=0, help="denoiser rounds (default 10, --quick 4)")
     ap.add_argument("--pipeline-repeats", type=int, default=0, help="runs per pipeline config (default 3, --quick 2)")
     ap.add_argument("--unet-head-dim", type=int, default=32,
                     help="ldm UNet attention_head_dim (default 32: 4/8/12 heads; diffusers has 8/8/8)")
     args = ap.parse_args()
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not only <= {"denoiser", "pipeline"}:
-        ap.error(f"--only takes denoiser and/or pipeline, got {args.only!r}")
+    only = parse_only(ap, args, sections)
     reps = args.repeats or (4 if args.quick else 10)
     pipe_reps = args.pipeline_repeats or (2 if args.quick else 3)
 

@@ -7,9 +7,9 @@
 1. caching: images/s of train_t2i's own training step at 256 px, batch 4, fp32, on a real ``imagefolder`` of 256-px
    PNGs with captions (written to a temporary folder), loaded by ``make_train_dataloader`` and prepared by accelerate
    as the script does, once encoding on the fly (PNG decode + crop, VAE encode, text encoder, every step) and once
-   from the latent cache (``cache_latents_and_text``), interleaved, the same denoiser and optimizer. The step is
-   ``LatentBatcher`` + the body of train_t2i's ``compute_loss`` (caption dropout 0.1, epsilon, posterior sample) +
-   ``diffusion_loss`` + backward + gradient clipping + AdamW. Main setting: the Stable Diffusion 1.x VAE architecture
+   from the latent cache (``cache_latents_and_text``), interleaved, the same denoiser and optimizer. The step is the
+   library's own ``ldm.training_step.diffusion_step`` (caption dropout 0.1, epsilon, posterior sample) + backward +
+   gradient clipping + AdamW, as ``ldm.train_loop`` runs it. Main setting: the Stable Diffusion 1.x VAE architecture
    (channels 128/256/512/512, 83.7M parameters) and a CLIP text encoder of SD-1.x's shape (768 wide, 12 layers),
    both seeded random (same FLOPs as the real ones); also the bench-diffusers VAE (64/128/128/128, 6.9M) with the
    same text encoder. Denoiser: ldm UNetModel with the layout of bench-diffusers' UNet (128/256/384, attention at
@@ -27,7 +27,6 @@ Prints a table, then one JSON line. See bench/README.md for what each figure mea
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -37,7 +36,8 @@ from pathlib import Path
 
 from common import (  # bench/common.py: also sets the HF offline switches and puts the repo root on sys.path
     LATENT, PROMPT, T0, build_diffusers_unet, build_ldm_dit, build_ldm_unet, build_pixart, build_scheduler,
-    build_text_encoder, build_vae, count_flops, env_record, footer_lines, interleaved, log, med, n_params, quiet,
+    bench_parser, build_text_encoder, build_vae, count_flops, env_record, footer_lines, interleaved, log, med, n_params,
+    parse_only, quiet,
 )
 
 import torch  # noqa: E402
@@ -87,67 +87,69 @@ def cycle(loader):
 
 
 # ------------------------------------------------------------------------------------------------ 1. caching
-class TrainStep:
-    """train_t2i's training step (``compute_loss`` + backward + clip + AdamW) on the batches of one loader.
+class TimedEncoder:
+    """A ``BatchEncoder`` that records how long each call takes (the "encode" part of a step)."""
 
-    Each call takes the next batch and records (data, encode, train) seconds: fetching and collating the batch,
-    ``LatentBatcher`` (VAE + text encoder for raw batches; slicing, casts and the posterior sample for cached ones),
+    def __init__(self, encoder):
+        self.encoder, self.seconds = encoder, 0.0
+        self.empty_embeds, self.empty_mask = encoder.empty_embeds, encoder.empty_mask
+
+    def __call__(self, batch, generator):
+        t = time.perf_counter()
+        out = self.encoder(batch, generator)
+        self.seconds = time.perf_counter() - t
+        return out
+
+
+class TrainStep:
+    """The library's training step (``ldm.training_step.diffusion_step`` + backward + clip + AdamW, as
+    ``ldm.train_loop`` runs it) on the batches of one loader.
+
+    Each call takes the next batch and records (data, encode, train) seconds: fetching and collating the batch, the
+    ``BatchEncoder`` (VAE + text encoder for raw batches; slicing, casts and the posterior sample for cached ones),
     and the rest (noise, denoiser forward and backward, loss, clipping, optimizer).
     """
 
-    def __init__(self, ctx: dict, loader, batcher):
-        self.ctx, self.batches, self.batcher, self.parts, self.n = ctx, cycle(loader), batcher, [], 0
+    def __init__(self, ctx: dict, loader, encoder):
+        self.ctx, self.batches, self.encoder, self.parts, self.n = ctx, cycle(loader), TimedEncoder(encoder), [], 0
 
     def __call__(self) -> None:
-        from ldm.losses import diffusion_loss
-        from ldm.training_utils import step_generator
+        from ldm.train_loop import step_generator
+        from ldm.training_step import diffusion_step
 
         c = self.ctx
-        acc, denoiser, sched, optimizer = c["accelerator"], c["denoiser"], c["scheduler"], c["optimizer"]
+        acc, denoiser, optimizer = c["accelerator"], c["denoiser"], c["optimizer"]
         t0 = time.perf_counter()
         batch = next(self.batches)
         t1 = time.perf_counter()
         generator = step_generator(0, self.n, acc.process_index)
         self.n += 1
         with acc.accumulate(denoiser):
-            latents, embeds, mask = self.batcher(batch, generator)
-            t2 = time.perf_counter()
-            # --- the body of train_t2i's compute_loss (defaults: no noise offset, caption dropout 0.1, epsilon)
-            n = latents.shape[0]
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-            timesteps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=generator)
-            timesteps = timesteps.to(latents.device)
-            drop = (torch.rand(n, generator=generator) < 0.1).to(latents.device)
-            embeds = torch.where(drop[:, None, None], c["empty_embeds"].to(embeds.dtype), embeds)
-            mask = torch.where(drop[:, None], c["empty_mask"], mask)
-            noisy = sched.add_noise(latents, noise, timesteps)
-            output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample
-            loss = diffusion_loss(sched, output, latents, noise, noisy, timesteps, "epsilon").loss
-            # --- run_training's update
-            acc.backward(loss)
+            loss = diffusion_step(denoiser, self.encoder, c["objective"], batch, generator).loss
+            acc.backward(loss)  # --- run_training's update
             if acc.sync_gradients:
                 acc.clip_grad_norm_(c["params"], 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        self.parts.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+        t2 = time.perf_counter()
+        self.parts.append((t1 - t0, self.encoder.seconds, t2 - t1 - self.encoder.seconds))
 
 
-def run_caching(args, tok, tmp: Path) -> dict:
-    """Section 1; see the module docstring."""
+def caching_setup(args, tok, tmp: Path) -> tuple:
+    """The imagefolder, the accelerator, the text encoder, both VAEs and the prepared denoiser + optimizer."""
     from ldm.data.image_caption import DataArgs, prepare_training_dataset
-    from ldm.data.latent_cache import cache_latents_and_text, encode_text
-    from ldm.schedules import training_scheduler
-    from ldm.training_utils import LatentBatcher, make_accelerator, make_optimizer, make_train_dataloader
+    from ldm.distributed import make_accelerator
+    from ldm.noise_schedules import training_scheduler
+    from ldm.train_loop import make_optimizer
+    from ldm.training_step import Objective
 
-    n_images, rounds = args.images, args.caching_rounds
-    log(f"caching: writing {n_images} PNGs of {PIXELS} px")
-    data_dir = write_imagefolder(tmp / "images", n_images, PIXELS)
-    png_kb = sum(p.stat().st_size for p in data_dir.glob("*.png")) / n_images / 1024
+    log(f"caching: writing {args.images} PNGs of {PIXELS} px")
+    data_dir = write_imagefolder(tmp / "images", args.images, PIXELS)
+    png_kb = sum(p.stat().st_size for p in data_dir.glob("*.png")) / args.images / 1024
     accelerator = make_accelerator(tmp / "run", report_to="none", seed=0)
     logging_quiet()
     data_args = DataArgs(train_data_dir=str(data_dir), resolution=PIXELS, cache_dir=str(tmp / "hf-cache"), seed=0)
     dataset, collator, _ = prepare_training_dataset(data_args)  # checks the rows once (cached by datasets)
-
     text_encoder = build_text_encoder(tok, **CLIP_L).requires_grad_(False)
     vaes = {"sd": build_vae(block_out_channels=SD_VAE_CHANNELS).requires_grad_(False),
             "small": build_vae(block_out_channels=SMALL_VAE_CHANNELS).requires_grad_(False)}
@@ -155,12 +157,9 @@ def run_caching(args, tok, tmp: Path) -> dict:
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, 1e-4)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    with torch.no_grad():
-        empty_embeds, empty_mask = encode_text(tok, text_encoder, [""])
     ctx = {"accelerator": accelerator, "denoiser": denoiser, "optimizer": optimizer, "params": params,
-           "scheduler": training_scheduler(), "empty_embeds": empty_embeds, "empty_mask": empty_mask}
-
-    out = {"pixels": PIXELS, "batch": BATCH, "images": n_images, "png_kb_per_image": round(png_kb, 1),
+           "objective": Objective(training_scheduler(), "epsilon", caption_dropout=0.1)}
+    out = {"pixels": PIXELS, "batch": BATCH, "images": args.images, "png_kb_per_image": round(png_kb, 1),
            "random_flip": args.random_flip, "denoiser": {
                "class": "UNetModel", "params_M": round(n_params(denoiser) / 1e6, 2),
                "config": {k: denoiser.config[k] for k in ("block_out_channels", "attention_levels",
@@ -169,56 +168,73 @@ def run_caching(args, tok, tmp: Path) -> dict:
            "text_encoder": {"width": CLIP_L["width"], "layers": CLIP_L["layers"],
                             "params_M": round(n_params(text_encoder) / 1e6, 2)},
            "settings": {}}
-    steps = {}
+    return out, ctx, data_args, dataset, collator, text_encoder, vaes
+
+
+def caching_steps(args, tok, tmp: Path, out, ctx, data_args, dataset, collator, text_encoder, vaes) -> dict:
+    """Build each VAE's latent cache (timed) and a TrainStep per (VAE, cached or not)."""
+    from ldm.data.latent_cache import cache_latents_and_text
+    from ldm.data.loader import make_train_dataloader
+    from ldm.training_step import BatchEncoder
+
+    accelerator, steps = ctx["accelerator"], {}
     for name, vae in vaes.items():
         setting = out["settings"][name] = {"vae_channels": list(vae.config.block_out_channels),
                                            "vae_params_M": round(n_params(vae) / 1e6, 2)}
-        log(f"caching: building the {name} VAE's latent cache ({n_images} images)")
+        log(f"caching: building the {name} VAE's latent cache ({args.images} images)")
         t = time.perf_counter()
         cache_latents_and_text(dataset, collator, vae, text_encoder, tok, str(tmp / f"cache-{name}"),
                                args.random_flip)
         setting["cache_build_s"] = round(time.perf_counter() - t, 2)
-        setting["cache_build_s_per_image"] = round(setting["cache_build_s"] / n_images, 4)
-        batcher = LatentBatcher(vae, text_encoder, tok, args.random_flip, "posterior")
+        setting["cache_build_s_per_image"] = round(setting["cache_build_s"] / args.images, 4)
+        encoder = BatchEncoder(vae, text_encoder, tok, args.random_flip, "posterior")
         for cached in (True, False):
             # the training script's own data path; the cached one reuses the cache file built above
             loader, _ = make_train_dataloader(accelerator, data_args, vae, text_encoder, tok, BATCH,
                                               cache_latents=cached, cache_dir=str(tmp / f"cache-{name}"),
                                               random_flip=args.random_flip)
-            steps[(name, cached)] = TrainStep(ctx, accelerator.prepare(loader), batcher)
-        setting["flops"] = step_flops(vae, text_encoder, tok, denoiser)
+            steps[(name, cached)] = TrainStep(ctx, accelerator.prepare(loader), encoder)
+        setting["flops"] = step_flops(vae, text_encoder, tok, ctx["denoiser"])
+    return steps
 
+
+def caching_summary(setting: dict, times: dict, steps: dict, name: str) -> None:
+    """Medians, speed-ups and the cache's pay-off for one VAE setting (in place)."""
+    for cached in (True, False):
+        ts, parts = times[(name, cached)], steps[(name, cached)].parts
+        setting["cached" if cached else "on_the_fly"] = {
+            "median_s": round(med(ts), 3), "min_s": round(min(ts), 3), "runs_s": [round(v, 3) for v in ts],
+            "images_per_s": round(BATCH / med(ts), 3),
+            "data_ms": round(med([p[0] for p in parts]) * 1e3, 1),
+            "encode_ms": round(med([p[1] for p in parts]) * 1e3, 1),
+            "train_ms": round(med([p[2] for p in parts]) * 1e3, 1),
+        }
+    on, ca = setting["on_the_fly"], setting["cached"]
+    setting["speedup"] = round(on["median_s"] / ca["median_s"], 3)
+    setting["speedup_min"] = round(on["min_s"] / ca["min_s"], 3)
+    setting["speedup_paired"] = round(med([a / b for a, b in zip(times[(name, False)], times[(name, True)])]), 3)
+    # building the cache costs B s/image once; each epoch then saves (on - cached) s/image
+    saved = (on["median_s"] - ca["median_s"]) / BATCH
+    setting["payoff_epochs"] = round(setting["cache_build_s_per_image"] / saved, 2) if saved > 0 else None
+    fl = setting["flops"]
+    setting["flop_ratio"] = round((fl["vae_encode_gflop"] + fl["text_encoder_gflop"] + fl["train_step_gflop"])
+                                  / fl["train_step_gflop"], 3)
+
+
+def run_caching(args, tok, tmp: Path) -> dict:
+    """Section 1; see the module docstring."""
+    out, ctx, data_args, dataset, collator, text_encoder, vaes = caching_setup(args, tok, tmp)
+    steps = caching_steps(args, tok, tmp, out, ctx, data_args, dataset, collator, text_encoder, vaes)
     order = [(name, cached) for name in vaes for cached in (True, False)]
-
-    def progress(r):
-        log(f"caching round {r + 1}/{rounds} done")
-
+    rounds = args.caching_rounds
     log(f"caching: one warm-up step (optimizer state), then {rounds} interleaved rounds of {len(order)} training "
         "steps")
     steps[order[0]]()
     steps[order[0]].parts.clear()
-    times = interleaved({k: steps[k] for k in order}, warmup=0, reps=rounds, no_grad=False, after_round=progress)
+    times = interleaved({k: steps[k] for k in order}, warmup=0, reps=rounds, no_grad=False,
+                        after_round=lambda r: log(f"caching round {r + 1}/{rounds} done"))
     for name in vaes:
-        setting = out["settings"][name]
-        for cached in (True, False):
-            ts, parts = times[(name, cached)], steps[(name, cached)].parts
-            setting["cached" if cached else "on_the_fly"] = {
-                "median_s": round(med(ts), 3), "min_s": round(min(ts), 3), "runs_s": [round(v, 3) for v in ts],
-                "images_per_s": round(BATCH / med(ts), 3),
-                "data_ms": round(med([p[0] for p in parts]) * 1e3, 1),
-                "encode_ms": round(med([p[1] for p in parts]) * 1e3, 1),
-                "train_ms": round(med([p[2] for p in parts]) * 1e3, 1),
-            }
-        on, ca = setting["on_the_fly"], setting["cached"]
-        setting["speedup"] = round(on["median_s"] / ca["median_s"], 3)
-        setting["speedup_min"] = round(on["min_s"] / ca["min_s"], 3)
-        setting["speedup_paired"] = round(med([a / b for a, b in zip(times[(name, False)], times[(name, True)])]), 3)
-        # building the cache costs B s/image once; each epoch then saves (on - cached) s/image
-        saved = (on["median_s"] - ca["median_s"]) / BATCH
-        setting["payoff_epochs"] = round(setting["cache_build_s_per_image"] / saved, 2) if saved > 0 else None
-        fl = setting["flops"]
-        setting["flop_ratio"] = round((fl["vae_encode_gflop"] + fl["text_encoder_gflop"] + fl["train_step_gflop"])
-                                      / fl["train_step_gflop"], 3)
+        caching_summary(out["settings"][name], times, steps, name)
     return out
 
 
@@ -261,21 +277,15 @@ def text_inputs(tok, text_encoder, batch: int):
     return emb, enc.attention_mask
 
 
-def run_step(args, tok) -> dict:
-    """Section 2; see the module docstring. Mirrors bench-diffusers' ``run_train`` for every model."""
-    from diffusers import DDPMScheduler
-
-    reps = args.step_rounds
-    log("step: building the denoisers")
+def step_models(args, tok) -> tuple[dict, dict, torch.Tensor]:
+    """The denoisers of section 2 and, per row, (model, forward(noisy, t) -> (B, 4, h, w), pair, text mask)."""
     emb, mask = text_inputs(tok, build_text_encoder(tok), BATCH)
     ones = torch.ones_like(mask)
-    sched = DDPMScheduler.from_config(build_scheduler().config)
-    latents = torch.randn(BATCH, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0)) * 0.18215
     no_res = {"resolution": None, "aspect_ratio": None}
     models = {"diffusers_unet": build_diffusers_unet(), "ldm_unet": build_ldm_unet(32)}
     if not args.no_dit:
         models.update(pixart=build_pixart(), ldm_dit=build_ldm_dit())
-    calls = {  # name -> (model, forward(noisy, t) -> prediction (B, 4, h, w), pair, text mask)
+    calls = {
         "diffusers_unet": ("diffusers_unet", lambda m, x, t: m(x, t, encoder_hidden_states=emb, return_dict=False)[0],
                            "unet", "none (as diffusers' train_text_to_image)"),
         "ldm_unet": ("ldm_unet", lambda m, x, t: m(x, t, emb, mask, return_dict=False)[0], "unet",
@@ -293,6 +303,34 @@ def run_step(args, tok) -> dict:
             "ldm_dit_77": ("ldm_dit", lambda m, x, t: m(x, t, emb, ones, return_dict=False)[0][:, :4], "dit",
                            "all ones (77 tokens, nothing dropped)"),
         })
+    return models, calls, mask
+
+
+def step_summary(out: dict, times: dict) -> None:
+    """GFLOP/s and ours / diffusers ratios per row (in place)."""
+    for name, row in out["rows"].items():
+        ts = times[name]
+        row.update(median_s=round(med(ts), 3), min_s=round(min(ts), 3), runs_s=[round(v, 3) for v in ts],
+                   images_per_s=round(BATCH / med(ts), 3), gflops=round(row["gflop"] / med(ts), 1),
+                   gflops_min=round(row["gflop"] / min(ts), 1))
+    for name, row in out["rows"].items():
+        ref_name = "diffusers_unet" if row["pair"] == "unet" else "pixart"
+        ref = out["rows"][ref_name]
+        row["ratio"] = round(row["gflops"] / ref["gflops"], 3)  # ours / diffusers, GFLOP/s, medians
+        row["ratio_min"] = round(row["gflops_min"] / ref["gflops_min"], 3)
+        row["ratio_paired"] = round(med([b / a for a, b in zip(times[name], times[ref_name])])
+                                    * row["gflop"] / ref["gflop"], 3)
+
+
+def run_step(args, tok) -> dict:
+    """Section 2; see the module docstring. Mirrors bench-diffusers' ``run_train`` for every model."""
+    from diffusers import DDPMScheduler
+
+    reps = args.step_rounds
+    log("step: building the denoisers")
+    models, calls, mask = step_models(args, tok)
+    sched = DDPMScheduler.from_config(build_scheduler().config)
+    latents = torch.randn(BATCH, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(0)) * 0.18215
     optimizers = {}
     for name, model in models.items():
         model.train()
@@ -329,18 +367,7 @@ def run_step(args, tok) -> dict:
     log(f"step: timing {reps} interleaved rounds")
     times = interleaved(fns, warmup=0, reps=reps, no_grad=False,
                         after_round=lambda r: log(f"step round {r + 1}/{reps} done"))
-    for name, row in out["rows"].items():
-        ts = times[name]
-        row.update(median_s=round(med(ts), 3), min_s=round(min(ts), 3), runs_s=[round(v, 3) for v in ts],
-                   images_per_s=round(BATCH / med(ts), 3), gflops=round(row["gflop"] / med(ts), 1),
-                   gflops_min=round(row["gflop"] / min(ts), 1))
-    for name, row in out["rows"].items():
-        ref_name = "diffusers_unet" if row["pair"] == "unet" else "pixart"
-        ref = out["rows"][ref_name]
-        row["ratio"] = round(row["gflops"] / ref["gflops"], 3)  # ours / diffusers, GFLOP/s, medians
-        row["ratio_min"] = round(row["gflops_min"] / ref["gflops_min"], 3)
-        row["ratio_paired"] = round(med([b / a for a, b in zip(times[name], times[ref_name])])
-                                    * row["gflop"] / ref["gflop"], 3)
+    step_summary(out, times)
     for model in models.values():
         model.eval()
     return out
@@ -352,7 +379,7 @@ def table(res: dict) -> str:
     ca = res.get("caching")
     if ca:
         d = ca["denoiser"]
-        lines += [f"training throughput at {ca['pixels']} px: train_t2i's step, batch {ca['batch']}, fp32 AdamW, "
+        lines += [f"training throughput at {ca['pixels']} px: the library step (ldm.training_step), batch {ca['batch']}, fp32 AdamW, "
                   f"{ca['images']} PNGs ({ca['png_kb_per_image']:.0f} KB each), random_flip={ca['random_flip']}, "
                   f"{len(next(iter(ca['settings'].values()))['cached']['runs_s'])} interleaved rounds",
                   f"denoiser: ldm UNetModel {tuple(d['config']['block_out_channels'])}, head_dim "
@@ -395,10 +422,8 @@ def table(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer images and rounds")
-    ap.add_argument("--only", default="caching,step", help="comma list of: caching, step")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    sections = ("caching", "step")
+    ap = bench_parser(__doc__, sections, "fewer images and rounds")
     ap.add_argument("--images", type=int, default=0, help="PNGs in the data set (default 16, --quick 8)")
     ap.add_argument("--caching-rounds", type=int, default=0, help="interleaved rounds (default 3, --quick 2)")
     ap.add_argument("--step-rounds", type=int, default=0, help="interleaved rounds (default 4, --quick 2)")
@@ -406,9 +431,7 @@ def main() -> None:
                     help="train with --random_flip (the cache then encodes every image twice)")
     ap.add_argument("--no-dit", action="store_true", help="step: only the U-Nets")
     args = ap.parse_args()
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
-    if not only <= {"caching", "step"}:
-        ap.error(f"--only takes caching and/or step, got {args.only!r}")
+    only = parse_only(ap, args, sections)
     args.images = args.images or (8 if args.quick else 16)
     args.caching_rounds = args.caching_rounds or (2 if args.quick else 3)
     args.step_rounds = args.step_rounds or (2 if args.quick else 4)

@@ -28,6 +28,25 @@ NEGATIVE = ""
 TEXT_WIDTH, LATENT = 256, 32
 
 
+def bench_parser(doc: str, sections: tuple[str, ...], quick_help: str):
+    """The arguments every bench takes: ``--quick``, ``--only`` (a comma list of ``sections``), ``--threads``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--only", default=",".join(sections), help=f"comma list of: {', '.join(sections)}")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    return ap
+
+
+def parse_only(ap, args, sections: tuple[str, ...]) -> set[str]:
+    """The sections ``--only`` asked for (an argparse error for an unknown one)."""
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    if not only <= set(sections):
+        ap.error(f"--only takes {' and/or '.join(sections)}, got {args.only!r}")
+    return only
+
+
 def log(*a) -> None:
     print(f"[{time.perf_counter() - T0:6.1f}s]", *a, file=sys.stderr, flush=True)
 

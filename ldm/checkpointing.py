@@ -13,16 +13,18 @@ import logging
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 STATE_FILE = "training_state.json"
-# Fault injection for tests: SIGKILL this process mid-save (after the state is written, before the rename).
-_KILL_DURING_SAVE_ENV = "LDM_TEST_SIGKILL_DURING_SAVE_AT_STEP"
+#: Called as ``hook(step, tmp_folder)`` on the main process once a checkpoint's files are written, just before it is
+#: published (renamed to ``checkpoint-<step>``). Empty in normal runs; the tests append a hook that kills the process
+#: there to prove that a save interrupted at its worst moment loses nothing.
+BEFORE_PUBLISH_HOOKS: list[Callable[[int, Path], None]] = []
 
 
 def _step_of(path: Path) -> int:
@@ -61,8 +63,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if os.environ.get(_KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        for hook in BEFORE_PUBLISH_HOOKS:
+            hook(step, tmp)
         _fsync_write(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=2))
         if final.exists():  # re-saving a step (e.g. after resuming): keep the old one until the new one is in place
             old = root / f"{TMP_PREFIX}{step}-old"

@@ -102,3 +102,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_script(name: str, main, parse_args) -> None:
+    """``main(parse_args())`` for the scripts of ``training/``: a clear error (bad arguments or data, missing files,
+    a stopped run) ends the script with one line and exit status 1 instead of a traceback; Ctrl-C with 130."""
+    import logging
+
+    try:
+        main(parse_args())
+    except (ValueError, OSError, RuntimeError, ImportError) as err:
+        logging.getLogger(name).error("%s", err)
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; the last complete checkpoint is kept (resume with --resume_from_checkpoint "
+              "latest where the script takes it).", file=sys.stderr)
+        sys.exit(130)

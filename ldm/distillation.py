@@ -1,5 +1,7 @@
 """Progressive distillation targets (Salimans & Ho 2022, Algorithm 2) and guidance folding (Meng et al. 2023).
 
+``training/distill.py`` trains with them; the guided combination itself is ``ldm.guidance.combine``.
+
 All times are discrete timesteps tau of a ``ProgressiveDistillationScheduler`` (fractional allowed), with
 alpha = sqrt(alpha-bar(tau)), sigma = sqrt(1 - alpha-bar(tau)); x-predictions are (B, C, H, W).
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+
+from .guidance import combine
 
 XPredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z (B,C,H,W), tau (B,)) -> x0_hat (B,C,H,W)
 
@@ -38,9 +42,8 @@ def two_step_target(teacher_x0: XPredictor, scheduler, z_t: torch.Tensor, tau_t:
     a_t, s_t = (_expand(v, z_t) for v in scheduler.alpha_sigma(tau_t))
     a_n, s_n = (_expand(v, z_t) for v in scheduler.alpha_sigma(tau_next))
     ratio = s_n / s_t
-    x_target = (z_next - ratio * z_t) / (a_n - ratio * a_t)
-    last = (s_n == 0).expand_as(x2)
-    return torch.where(last, x2, x_target), z_next
+    x_target = (z_next - ratio * z_t) / (a_n - ratio * a_t)  # = x2 exactly when sigma'' = 0
+    return x_target, z_next
 
 
 def truncated_snr_weight(scheduler, tau: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,21 @@ def sample_student_times(scheduler, num_student_steps: int, batch: int, generato
     return grid[top], grid[top + 1], grid[top + 2]
 
 
-def guided_x0(x_uncond: torch.Tensor, x_cond: torch.Tensor, guidance_scale: torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance in x-space: x_u + s (x_c - x_u) = (1 + w) x_c - w x_u with s = 1 + w."""
-    return x_uncond + _expand(guidance_scale, x_cond) * (x_cond - x_uncond)
+def sample_fold_times(scheduler, num_steps: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Guidance fold: random times (B,) on the teacher's own ``num_steps`` grid (the clean end excluded)."""
+    grid = scheduler.time_grid(num_steps)[:-1]
+    return grid[torch.randint(0, len(grid), (batch,), generator=generator)]
+
+
+def guidance_fold_target(teacher_x0: Callable, z_t: torch.Tensor, tau: torch.Tensor, embeds: torch.Tensor,
+                         mask: torch.Tensor, empty_embeds: torch.Tensor, empty_mask: torch.Tensor,
+                         scale: torch.Tensor) -> torch.Tensor:
+    """The guided teacher's x at z_t (B, C, H, W): x_u + s (x_c - x_u) from one teacher batch of [uncond; cond].
+
+    ``teacher_x0(z, tau, embeds, mask)`` -> x0_hat; ``scale`` (B,) is the guidance scale the student is given.
+    """
+    both = teacher_x0(torch.cat([z_t, z_t]), torch.cat([tau, tau]),
+                      torch.cat([empty_embeds.expand_as(embeds).to(embeds.dtype), embeds]),
+                      torch.cat([empty_mask.expand_as(mask), mask]))
+    x_uncond, x_cond = both.chunk(2)
+    return combine(x_uncond, x_cond, scale)

@@ -53,17 +53,27 @@ def _gather(values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     return values.to(timesteps.device)[timesteps].float()[:, None, None, None]
 
 
-def predicted_x0(scheduler, model_pred: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor,
-                 prediction_type: str) -> torch.Tensor:
-    """x0 implied by a model prediction (B, C, H, W) at ``timesteps``."""
-    a = _gather(scheduler.alphas_cumprod, timesteps)
+def x0_from_prediction(model_pred: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                       prediction_type: str) -> torch.Tensor:
+    """x0 implied by a model prediction (B, C, H, W) at x_t = alpha x0 + sigma eps (alpha, sigma broadcastable).
+
+    The one definition of the parameterisations' inverse: eps -> (x_t - sigma eps) / alpha, x0 -> itself,
+    v = alpha eps - sigma x0 -> alpha x_t - sigma v.
+    """
     if prediction_type == "epsilon":
-        return (x_t - (1 - a).sqrt() * model_pred) / a.sqrt()
+        return (x_t - sigma * model_pred) / alpha
     if prediction_type == "sample":
         return model_pred
     if prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * model_pred
+        return alpha * x_t - sigma * model_pred
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def predicted_x0(scheduler, model_pred: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor,
+                 prediction_type: str) -> torch.Tensor:
+    """x0 implied by a model prediction (B, C, H, W) at integer ``timesteps`` of a DDPM ``scheduler``."""
+    a = _gather(scheduler.alphas_cumprod, timesteps)
+    return x0_from_prediction(model_pred, x_t, a.sqrt(), (1 - a).sqrt(), prediction_type)
 
 
 def _alphas(scheduler, timesteps: torch.Tensor):

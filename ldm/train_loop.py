@@ -18,7 +18,7 @@ import torch
 
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .data.image_caption import SKIP_REASONS
-from .training_utils import all_finite, nan_error, step_generator
+from .distributed import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,127 @@ class LoopConfig:
     skipped: Counter = field(default_factory=Counter)
 
 
+@dataclass
+class LoopState:
+    """Where a run is: optimizer steps done, the data position, and bad rows seen in streamed batches."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    micro_in_step: int = 0
+    streamed: Counter = field(default_factory=Counter)  # this process's, since the start or the resume
+
+
+def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
+    """The CPU generator of one micro-step on one process: every random draw of a step comes from it, so a resumed
+    run repeats exactly the draws an uninterrupted one makes."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # stable across Python versions
+
+
+def nan_error(output_dir: str | Path, step: int, loss: torch.Tensor) -> RuntimeError:
+    """The error a run stops with when its loss stops being finite (nothing is saved after it)."""
+    from .checkpointing import list_checkpoints
+
+    found = list_checkpoints(output_dir)
+    last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+    return RuntimeError(
+        f"The loss became {loss.item()} (non-finite) at step {step + 1}; training stopped without saving, {last}. "
+        "Resume from it with a lower --learning_rate or --max_grad_norm, or bf16 instead of fp16."
+    )
+
+
+def make_optimizer(params, learning_rate: float, use_8bit_adam: bool = False, betas=(0.9, 0.999),
+                   weight_decay: float = 1e-2, eps: float = 1e-8):
+    """AdamW, or bitsandbytes' AdamW8bit."""
+    if use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def resume(accelerator, cfg: LoopConfig) -> LoopState:
+    """The state to start from: fresh, or restored from ``cfg.resume_from_checkpoint`` (``"latest"`` or a path)."""
+    state = LoopState()
+    path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if path is None:
+        return state
+    saved = load_checkpoint(accelerator, path)
+    state.step, state.epoch, state.batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
+    positions = saved.get("positions", [])  # per process: streams split by file can end epochs apart
+    if len(positions) == accelerator.num_processes:
+        state.epoch, state.batches_done = positions[accelerator.process_index]
+    if "skipped" in saved:  # the saved counts already include those found up front (map-style data)
+        cfg.skipped.clear()
+        cfg.skipped.update(saved["skipped"])
+    logger.info("Resumed from %s at step %d (epoch %d, %d batches in)", path, state.step, state.epoch,
+                state.batches_done)
+    return state
+
+
+def progress_state(accelerator, cfg: LoopConfig, state: LoopState) -> dict:
+    """Data position and bad-row counts over all processes, as a checkpoint stores them (a collective call)."""
+    local = torch.tensor([[state.epoch, state.batches_done, *(state.streamed[r] for r in SKIP_REASONS)]],
+                         device=accelerator.device)
+    rows = accelerator.gather(local).tolist()
+    skipped = Counter(cfg.skipped)
+    for i, reason in enumerate(SKIP_REASONS):
+        if total := sum(row[2 + i] for row in rows):
+            skipped[reason] += total
+    saved = {"epoch": state.epoch, "batches_in_epoch": state.batches_done, "skipped": dict(skipped)}
+    if accelerator.num_processes > 1:
+        saved["positions"] = [row[:2] for row in rows]
+    return saved
+
+
+def micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, params, cfg: LoopConfig,
+               state: LoopState, progress):
+    """Forward, NaN check, backward, clipping and (when gradients sync) the optimizer step of one micro-batch."""
+    with accelerator.accumulate(model):
+        out = loss_fn(batch, generator)
+        if not all_finite(accelerator, out.loss):
+            progress.close()
+            accelerator.end_training()
+            raise nan_error(cfg.output_dir, state.step, out.loss)
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def end_of_step(accelerator, lr_scheduler, out, cfg: LoopConfig, state: LoopState, progress, ema, unwrapped) -> None:
+    """After an optimizer step: EMA, logs, progress bar, and the checkpoint when one is due."""
+    if ema is not None:
+        ema.step(unwrapped.parameters())
+    state.step += 1
+    logs = {"loss": out.loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+    logs.update(out.logs() if hasattr(out, "logs") else {})
+    progress.update(1)
+    progress.set_postfix(loss=f"{logs['loss']:.4f}")
+    accelerator.log({cfg.log_prefix + k: v for k, v in logs.items()}, step=state.step)
+    if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
+        save_checkpoint(accelerator, cfg.output_dir, state.step, progress_state(accelerator, cfg, state),
+                        cfg.checkpoints_total_limit)
+
+
+def count_streamed_skips(batch: dict, state: LoopState) -> None:
+    """Streaming data reports its bad rows in the batches, again on every pass: count the first pass."""
+    if state.epoch == 0:
+        for reason in SKIP_REASONS:
+            if f"skipped_{reason}" in batch:
+                state.streamed[reason] += int(batch[f"skipped_{reason}"].sum())
+
+
 def run_training(
     accelerator,
     model: torch.nn.Module,
@@ -59,86 +180,36 @@ def run_training(
     """
     from tqdm.auto import tqdm
 
-    output_dir = Path(cfg.output_dir)
-    step, epoch, batches_done = 0, 0, 0
-    streamed = Counter()  # bad rows this process saw in streaming batches since the start or the resume
-    resume_path = resolve_resume(output_dir, cfg.resume_from_checkpoint)
-    if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
-        positions = state.get("positions", [])  # per process: streams split by file can end epochs apart
-        if len(positions) == accelerator.num_processes:
-            epoch, batches_done = positions[accelerator.process_index]
-        if "skipped" in state:  # the saved counts already include those found up front (map-style data)
-            cfg.skipped.clear()
-            cfg.skipped.update(state["skipped"])
-        logger.info("Resumed from %s at step %d (epoch %d, %d batches in)", resume_path, step, epoch, batches_done)
-
-    def progress_state() -> dict:
-        """Data position and bad-row counts over all processes (a collective call: every process makes it)."""
-        local = torch.tensor([[epoch, batches_done, *(streamed[r] for r in SKIP_REASONS)]], device=accelerator.device)
-        rows = accelerator.gather(local).tolist()
-        skipped = Counter(cfg.skipped)
-        for i, reason in enumerate(SKIP_REASONS):
-            if total := sum(row[2 + i] for row in rows):
-                skipped[reason] += total
-        state = {"epoch": epoch, "batches_in_epoch": batches_done, "skipped": dict(skipped)}
-        if accelerator.num_processes > 1:
-            state["positions"] = [row[:2] for row in rows]
-        return state
-
+    state = resume(accelerator, cfg)
     unwrapped = accelerator.unwrap_model(model)
-    progress = tqdm(total=cfg.max_train_steps, initial=step, desc=cfg.desc,
+    progress = tqdm(total=cfg.max_train_steps, initial=state.step, desc=cfg.desc,
                     disable=not accelerator.is_local_main_process)
-    micro_in_step = 0
-    while step < cfg.max_train_steps:
-        loader.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, batches_done) if batches_done else loader
-        fresh_epoch = batches_done == 0
+    while state.step < cfg.max_train_steps:
+        loader.set_epoch(state.epoch)
+        fresh_epoch = state.batches_done == 0
+        epoch_loader = loader if fresh_epoch else accelerator.skip_first_batches(loader, state.batches_done)
         for batch in epoch_loader:
-            generator = step_generator(cfg.seed, step * cfg.gradient_accumulation_steps + micro_in_step,
+            generator = step_generator(cfg.seed, state.step * cfg.gradient_accumulation_steps + state.micro_in_step,
                                        accelerator.process_index)
-            with accelerator.accumulate(model):
-                out = loss_fn(batch, generator)
-                if not all_finite(accelerator, out.loss):
-                    progress.close()
-                    accelerator.end_training()
-                    raise nan_error(output_dir, step, out.loss)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            batches_done += 1
-            if epoch == 0:  # streaming data reports its bad rows again on every pass: count the first one
-                for reason in SKIP_REASONS:
-                    if f"skipped_{reason}" in batch:
-                        streamed[reason] += int(batch[f"skipped_{reason}"].sum())
+            out = micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, params, cfg,
+                             state, progress)
+            state.batches_done += 1
+            count_streamed_skips(batch, state)
             if not accelerator.sync_gradients:
-                micro_in_step += 1
+                state.micro_in_step += 1
                 continue
-            micro_in_step = 0
-            if ema is not None:
-                ema.step(unwrapped.parameters())
-            step += 1
-            logs = {"loss": out.loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
-            logs.update(out.logs() if hasattr(out, "logs") else {})
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            accelerator.log({cfg.log_prefix + k: v for k, v in logs.items()}, step=step)
-            if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-                save_checkpoint(accelerator, output_dir, step, progress_state(), cfg.checkpoints_total_limit)
+            state.micro_in_step = 0
+            end_of_step(accelerator, lr_scheduler, out, cfg, state, progress, ema, unwrapped)
             if after_step is not None:
-                after_step(step)
-            if step >= cfg.max_train_steps:
+                after_step(state.step)
+            if state.step >= cfg.max_train_steps:
                 break
         else:
-            if fresh_epoch and batches_done == 0:
+            if fresh_epoch and state.batches_done == 0:
                 progress.close()
                 raise ValueError("The training data gave no batch in a whole pass: it has fewer usable rows than one "
                                  "batch per process. Use more data or a smaller --train_batch_size.")
-            epoch, batches_done = epoch + 1, 0
+            state.epoch, state.batches_done = state.epoch + 1, 0
     progress.close()
-    cfg.skipped = Counter(progress_state()["skipped"])
-    return step
+    cfg.skipped = Counter(progress_state(accelerator, cfg, state)["skipped"])
+    return state.step

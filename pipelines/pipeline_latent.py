@@ -28,6 +28,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 import ldm  # noqa: F401  (registers every ldm model/scheduler module so saved pipelines resolve)
+from ldm.guidance import combine
+from ldm.latents import decode, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class LatentPipeline(DiffusionPipeline):
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, denoiser=denoiser, scheduler=scheduler
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(self.vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @staticmethod
@@ -130,13 +132,11 @@ class LatentPipeline(DiffusionPipeline):
                                         adapter_name=adapter_name, weight_name=weight_name, **kwargs)
 
     # ------------------------------------------------------------------ properties
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self) -> float:
-        return self._guidance_rescale
+    # per-call state, read as in diffusers by step-end callbacks (pipe.guidance_scale, pipe.num_timesteps, ...)
+    guidance_scale = property(lambda self: self._guidance_scale)
+    guidance_rescale = property(lambda self: self._guidance_rescale)
+    num_timesteps = property(lambda self: self._num_timesteps)
+    interrupt = property(lambda self: self._interrupt)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -146,14 +146,6 @@ class LatentPipeline(DiffusionPipeline):
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self._guidance_scale > 1.0 and not self.guidance_distilled
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     @property
     def latent_multiple(self) -> int:
@@ -344,35 +336,20 @@ class LatentPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1]."""
-        cfg = self.vae.config
-        latents = latents / cfg.scaling_factor
-        if getattr(cfg, "shift_factor", None) is not None:
-            latents = latents + cfg.shift_factor
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [-1, 1] (``ldm.latents.decode``)."""
+        return decode(self.vae, latents)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        timesteps: list[int] | None = None,
-        guidance_scale: float | None = None,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        prompt_attention_mask: torch.Tensor | None = None,
-        negative_prompt_attention_mask: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        guidance_rescale: float = 0.0,
+        self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int | None = None, timesteps: list[int] | None = None,
+        guidance_scale: float | None = None, negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1, eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None, negative_prompt_attention_mask: torch.Tensor | None = None,
+        output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
@@ -380,97 +357,80 @@ class LatentPipeline(DiffusionPipeline):
 
         Args:
             prompt: one prompt or a list; ``""`` samples unconditionally.
-            height, width: image size in pixels (default: denoiser ``sample_size`` x VAE factor); multiples of
-                ``self.latent_multiple``.
+            height, width: pixels, multiples of ``self.latent_multiple`` (default: the trained size).
             num_inference_steps: sampling steps (default 50, or the step count a distilled scheduler was made for).
             timesteps: explicit descending timesteps, for schedulers whose ``set_timesteps`` accepts them.
-            guidance_scale: classifier-free guidance weight s; eps = eps_u + s (eps_c - eps_u). <= 1 disables it.
-                Default: the scheduler's ``guidance_scale`` (guidance-distilled students record theirs), else 7.5.
-            negative_prompt: prompt(s) for the unconditional branch (default the empty caption).
-            num_images_per_prompt: images per prompt.
-            eta: DDIM eta (0 = deterministic); ignored by schedulers without it.
-            generator: torch generator(s) for reproducible noise (one per image, or one for all).
-            latents: initial noise (B * n, C, h, w) instead of drawing it.
-            prompt_embeds, negative_prompt_embeds: precomputed text embeddings (B, L, D) instead of prompts;
-                with optional (B, L) attention masks.
+            guidance_scale: classifier-free guidance s (``ldm.guidance.combine``; <= 1 disables it). Default: the
+                scheduler's ``guidance_scale`` (guidance-distilled students record theirs), else 7.5.
+            negative_prompt: prompt(s) for the unconditional branch (default: the empty caption).
+            num_images_per_prompt: images per prompt. eta: DDIM eta (0 = deterministic; others ignore it).
+            generator: one torch generator, or one per image. latents: initial noise (B * n, C, h, w) to use.
+            prompt_embeds, negative_prompt_embeds: precomputed (B, L, D) text embeddings, optional (B, L) masks.
             output_type: "pil", "np" (B, H, W, 3 floats in [0, 1]), "pt" (B, 3, H, W in [0, 1]) or "latent".
-            return_dict: return an ``ImagePipelineOutput`` (else a tuple).
-            guidance_rescale: phi of "Common Diffusion Noise Schedules and Sample Steps are Flawed" (0 = off).
-            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` called after each step;
-                returned tensors (``latents``, ``prompt_embeds``, ``negative_prompt_embeds``) replace the pipeline's.
-            callback_on_step_end_tensor_inputs: which tensors go into ``callback_kwargs`` (default ``["latents"]``).
+            return_dict: an ``ImagePipelineOutput`` (else a tuple). guidance_rescale: phi of Lin et al. 2024 (0 = off).
+            callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step; returned
+                tensors replace the pipeline's. ``callback_on_step_end_tensor_inputs``: the tensors it gets
+                (default ``["latents"]``; also ``prompt_embeds``, ``negative_prompt_embeds``).
 
-        Returns:
-            ``ImagePipelineOutput`` with ``images`` (PIL list, numpy array or tensor), or a 1-tuple.
+        Returns ``ImagePipelineOutput`` with ``images`` (PIL list, numpy array or tensor), or a 1-tuple.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
-        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
-        if num_inference_steps is None:
-            num_inference_steps = int(getattr(self.scheduler.config, "num_distilled_steps", None) or 50)
+        height, width, num_inference_steps, guidance_scale = self._defaults(height, width, num_inference_steps,
+                                                                            guidance_scale)
         self.check_inputs(
             prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
             timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
         )
-        if guidance_scale is None:
-            guidance_scale = getattr(self.scheduler.config, "guidance_scale", None) or 7.5
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._interrupt = False
+        self._guidance_scale, self._guidance_rescale, self._interrupt = guidance_scale, guidance_rescale, False
         device = self._execution_device
 
-        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
+        text = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt,
             prompt_embeds, negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask,
         )
-        batch_size = prompt_embeds.shape[0]
-
         timesteps = self._set_timesteps(num_inference_steps, timesteps, device)
-        latents = self.prepare_latents(batch_size, height, width, self.denoiser.dtype, device, generator, latents)
-        step_kwargs = self._scheduler_step_kwargs(generator, eta)
-        latent_channels = self.denoiser.config.in_channels
+        latents = self.prepare_latents(len(text[0]), height, width, self.denoiser.dtype, device, generator, latents)
+        latents = self._denoise(latents, timesteps, text, self._scheduler_step_kwargs(generator, eta),
+                                callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _defaults(self, height, width, num_inference_steps, guidance_scale) -> tuple:
+        """Unset sizes: the denoiser's trained size; steps: a distilled scheduler's own count, else 50; guidance:
+        the scheduler's ``guidance_scale`` (guidance-distilled students record theirs), else 7.5."""
+        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
+        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
+        if num_inference_steps is None:
+            num_inference_steps = int(getattr(self.scheduler.config, "num_distilled_steps", None) or 50)
+        if guidance_scale is None:
+            guidance_scale = getattr(self.scheduler.config, "guidance_scale", None) or 7.5
+        return height, width, num_inference_steps, guidance_scale
+
+    def _denoise(self, latents, timesteps, text: tuple, step_kwargs: dict, callback_on_step_end,
+                 callback_on_step_end_tensor_inputs: list[str]) -> torch.Tensor:
+        """The sampling loop: a guided prediction and a scheduler step per timestep, then the step-end callback.
+
+        ``text`` is (prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask) from ``encode_prompt``.
+        """
+        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = text
         learned_variance = self._scheduler_samples_learned_variance()
         guidance = None
         if self.guidance_distilled:
-            guidance = torch.full((batch_size,), float(guidance_scale), device=device)
-
+            guidance = torch.full((latents.shape[0],), float(self.guidance_scale), device=latents.device)
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                if self.do_classifier_free_guidance:
-                    context = torch.cat([negative_prompt_embeds, prompt_embeds])
-                    mask = torch.cat([negative_mask, prompt_mask])
-                    model_input = torch.cat([latents, latents])
-                else:
-                    context, mask, model_input = prompt_embeds, prompt_mask, latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
-
-                output = self.denoiser(
-                    model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,
-                    guidance=guidance, return_dict=False,
-                )[0]
-                pred, variance = output[:, :latent_channels], output[:, latent_channels:]
-                if self.do_classifier_free_guidance:
-                    pred_uncond, pred_cond = pred.chunk(2)
-                    pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-                    if guidance_rescale > 0.0:
-                        pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=guidance_rescale)
-                    variance = variance.chunk(2)[1]  # the conditional branch's variance
-                if learned_variance:
-                    if variance.shape[1] != latent_channels:
-                        raise ValueError(
-                            f"The scheduler has variance_type={self.scheduler.config.variance_type!r} but the "
-                            "denoiser predicts no variance; build it with learned_sigma=True or use a fixed variance."
-                        )
-                    pred = torch.cat([pred, variance], dim=1)
-
+                pred = self._guided_prediction(latents, t, prompt_embeds, prompt_mask, negative_prompt_embeds,
+                                               negative_mask, guidance, learned_variance)
                 latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
@@ -480,15 +440,38 @@ class LatentPipeline(DiffusionPipeline):
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
                     negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                 progress_bar.update()
+        return latents
 
-        if output_type == "latent":
-            images = latents
+    def _guided_prediction(self, latents, t, prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask,
+                           guidance, learned_variance: bool) -> torch.Tensor:
+        """The denoiser's prediction (B, C, h, w) at ``t``, classifier-free guided when guiding; with
+        ``learned_variance`` the conditional branch's variance is appended (B, 2C, h, w)."""
+        latent_channels = self.denoiser.config.in_channels
+        if self.do_classifier_free_guidance:
+            context = torch.cat([negative_prompt_embeds, prompt_embeds])
+            mask = torch.cat([negative_mask, prompt_mask])
+            model_input = torch.cat([latents, latents])
         else:
-            images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+            context, mask, model_input = prompt_embeds, prompt_mask, latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
+        output = self.denoiser(model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,
+                               guidance=guidance, return_dict=False)[0]
+        pred, variance = output[:, :latent_channels], output[:, latent_channels:]
+        if self.do_classifier_free_guidance:
+            pred_uncond, pred_cond = pred.chunk(2)
+            pred = combine(pred_uncond, pred_cond, self.guidance_scale)
+            if self.guidance_rescale > 0.0:
+                pred = rescale_noise_cfg(pred, pred_cond, guidance_rescale=self.guidance_rescale)
+            variance = variance.chunk(2)[1]  # the conditional branch's variance
+        if not learned_variance:
+            return pred
+        if variance.shape[1] != latent_channels:
+            raise ValueError(
+                f"The scheduler has variance_type={self.scheduler.config.variance_type!r} but the "
+                "denoiser predicts no variance; build it with learned_sigma=True or use a fixed variance."
+            )
+        return torch.cat([pred, variance], dim=1)
 
 
 def _find_unreadable_weights(path) -> str | None:

@@ -45,6 +45,17 @@ def with_components(pipe: LatentPipeline, **replace) -> LatentPipeline:
     return new
 
 
+def load_script(path, name: str):
+    """A script of ``training/`` as a module (registered in ``sys.modules``: its dataclasses look it up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for child processes: no ``PYTHONPATH`` (only the installed ``ldm``/``pipelines`` packages can be
     imported when the working directory is elsewhere), offline Hub, one intra-op thread."""

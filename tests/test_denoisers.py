@@ -167,3 +167,28 @@ def test_save_load_round_trip(kind, model, inputs, tmp_path):
     assert _public(loaded.config) == _public(model.config)
     assert not loaded.training
     torch.testing.assert_close(loaded(x, t, context).sample, model(x, t, context).sample, rtol=0, atol=0)
+
+
+def test_dit_checkpoint_of_the_old_layout_still_loads(inputs, tmp_path):
+    """DiT checkpoints saved before the patch embedding and caption MLP became diffusers' ``PatchEmbed`` /
+    ``PixArtAlphaTextProjection`` (keys ``patch_embed.weight``, ``caption_projection.0.*``) load, through
+    ``from_pretrained`` and ``load_state_dict``, to the same model."""
+    from safetensors.torch import load_file, save_file
+
+    from ldm.models.dit import LEGACY_KEYS
+
+    model = tiny_dit()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    new_layout = load_file(weights)
+    old_layout = {next((o for o, n in LEGACY_KEYS.items() if n == k), k): v for k, v in new_layout.items()}
+    assert set(LEGACY_KEYS) <= set(old_layout) and not set(LEGACY_KEYS.values()) & set(old_layout)
+    save_file(old_layout, weights)
+
+    loaded = DiTModel.from_pretrained(tmp_path).eval()
+    other = tiny_dit(seed=1)
+    other.load_state_dict(dict(old_layout))
+    with torch.no_grad():
+        expected = model(*inputs).sample
+        torch.testing.assert_close(loaded(*inputs).sample, expected, rtol=0, atol=0)
+        torch.testing.assert_close(other(*inputs).sample, expected, rtol=0, atol=0)

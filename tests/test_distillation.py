@@ -8,7 +8,6 @@ The trainer runs in-process (``main(parse_args([...]))``) with 2-3 optimizer ste
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -22,10 +21,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from ldm import DiTModel, ProgressiveDistillationScheduler, UNetModel
-from ldm.distillation import guided_x0, sample_student_times, two_step_target, x_loss
+from ldm.distillation import sample_student_times, two_step_target, x_loss
+from ldm.guidance import combine as guided_x0
 from ldm.tiny import tiny_dit, tiny_pipeline, tiny_unet
 from pipelines import LatentPipeline
 
+from conftest import load_script as load_script_at
 from conftest import SIZE, gen
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -60,11 +61,7 @@ def frozen_unet():
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("distill_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script_at(SCRIPT, "distill_script")
 
 
 class _Records(logging.Handler):
@@ -523,7 +520,8 @@ def test_stage_trains_the_student_on_the_frozen_teachers_target(script, teachers
     """
     from ldm.data.latent_cache import encode_text
     from ldm.distillation import truncated_snr_weight
-    from ldm.training_utils import load_frozen_components, load_pipeline_denoiser, make_accelerator
+    from ldm.components import load_frozen_components, load_pipeline_denoiser
+    from ldm.distributed import make_accelerator
 
     guided = kind == "dit-guidance-fold"
     teacher_path = teachers["dit" if guided else "unet"]

@@ -9,7 +9,7 @@ from diffusers.training_utils import compute_snr
 from ldm.losses import (
     diffusion_loss, learned_range_log_variance, min_snr_weights, predicted_x0, prediction_target, vlb_terms,
 )
-from ldm.schedules import training_scheduler
+from ldm.noise_schedules import training_scheduler
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

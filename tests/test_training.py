@@ -9,7 +9,6 @@ The imagefolder has 12 rows: one with an empty caption and one truncated PNG, so
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -36,7 +35,7 @@ from ldm.checkpointing import list_checkpoints
 from ldm.tiny import tiny_pipeline
 from pipelines import LatentPipeline
 
-from conftest import assert_different, sample, subprocess_env
+from conftest import assert_different, load_script, sample, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,10 +87,7 @@ def env(tmp_path_factory, single_thread) -> Env:
 @pytest.fixture(scope="module")
 def t2i():
     """The training script as a module (imported once; its heavy imports are paid once)."""
-    spec = importlib.util.spec_from_file_location("train_t2i", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "train_t2i")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -394,7 +390,10 @@ def _sigkill_during_save(env: Env) -> dict:
     """Kill the run inside the save of checkpoint-3 (fault injection), look at what is left, resume it."""
     out = env.root / "sigkill-save"
     cmd = script_command(env, out, *RESUME_FLAGS)
-    killed = run_script(cmd, env.root, LDM_TEST_SIGKILL_DURING_SAVE_AT_STEP="3")
+    kill_at_3 = ("import os, runpy, signal, sys; import ldm.checkpointing as c; "
+                 "c.BEFORE_PUBLISH_HOOKS.append(lambda step, tmp: step == 3 and os.kill(os.getpid(), signal.SIGKILL)); "
+                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    killed = run_script([cmd[0], "-c", kill_at_3, *cmd[1:]], env.root)
     left = {"checkpoints": [p.name for p in list_checkpoints(out)], "dirs": sorted(p.name for p in out.iterdir())}
     resumed = run_script(cmd + ["--resume_from_checkpoint", "latest"], env.root)
     return {"out": out, "killed": killed, "left": left, "resumed": resumed}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,15 +15,14 @@ from ldm.eval.prompt_following import evaluate_prompt_following
 from ldm.eval.shapes_analyzer import prompt_accuracy
 from ldm.tiny import tiny_pipeline
 
+from conftest import load_script as load_script_at
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "training" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script_at(ROOT / "training" / f"{name}.py", name)
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,8 @@ import copy
 import json
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ logger = logging.getLogger("distill")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ldm.data.image_caption import add_data_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--teacher", required=True, help="LatentPipeline folder or Hub id (v or x prediction preferred)")
     p.add_argument("--revision", default=None)
@@ -49,18 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the guidance scale guided students sample with by default")
     p.add_argument("--caption_dropout", type=float, default=0.1,
                    help="empty-caption probability, so unguided students keep classifier-free guidance")
-    g = p.add_argument_group("data (as train_t2i.py)")
-    g.add_argument("--dataset_name", default=None)
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--train_data_dir", default=None)
-    g.add_argument("--image_column", default=None)
-    g.add_argument("--caption_column", default=None)
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--resolution", type=int, default=None, help="default: the teacher's sample size")
-    g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--cache_dir", default=None)
+    g = add_data_arguments(p, None, "default: the teacher's sample size")
     g.add_argument("--cache_latents", action="store_true")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=16)
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -140,7 +132,8 @@ def make_student(teacher, guided_student: bool):
 
 def main(args: argparse.Namespace) -> Path:
     from ldm import ProgressiveDistillationScheduler
-    from ldm.training_utils import load_frozen_components, load_pipeline_denoiser, make_accelerator, tracker_config
+    from ldm.components import load_frozen_components, load_pipeline_denoiser
+    from ldm.distributed import make_accelerator, tracker_config
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
@@ -191,39 +184,71 @@ def _local(path: str, revision: str | None) -> str:
     return path if Path(path).is_dir() else LatentPipeline.download(path, revision=revision)
 
 
-def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, student, vae, text_encoder, tokenizer,
-                teacher_sched, student_sched):
-    """Train ``student`` for one stage against the frozen ``teacher``; returns the (unwrapped) student."""
+@dataclass
+class StageModels:
+    """Everything one distillation step reads: the stage, the frozen teacher, the student and their schedulers."""
+
+    args: argparse.Namespace
+    accelerator: object
+    stage: Stage
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    encoder: object  # ldm.training_step.BatchEncoder
+    teacher_sched: object
+    student_sched: object
+
+    def teacher_x0(self, z, tau, embeds, mask, scale=None) -> torch.Tensor:
+        """The frozen teacher's x0 (B, C, H, W) at z, tau (no autograd)."""
+        with torch.no_grad(), self.accelerator.autocast():
+            out = self.teacher(z, tau.to(z.device), embeds, encoder_attention_mask=mask, guidance=scale).sample
+        return self.teacher_sched.predict_x0(out[:, : z.shape[1]].float(), tau, z)
+
+
+def distillation_step(m: StageModels, batch: dict, generator: torch.Generator):
+    """The loss of one micro-batch: max(SNR, 1) |x_student - x~|^2 with x~ the stage's teacher target."""
+    from ldm.distillation import guidance_fold_target, sample_fold_times, sample_student_times, two_step_target, x_loss
+    from ldm.guidance import drop_captions, sample_scales
+    from ldm.losses import LossOutput
+    from ldm.training_step import draw_noise
+
+    latents, embeds, mask = m.encoder(batch, generator)
+    n, device, stage = latents.shape[0], latents.device, m.stage
+    noise = draw_noise(latents.shape, 0.0, generator).to(device)
+    scale = None
+    if stage.guided_student:
+        scale = sample_scales(m.args.guidance_scale_min, m.args.guidance_scale_max, n, generator).to(device)
+    else:  # keep the unconditional branch alive for classifier-free guidance at sampling time
+        embeds, mask = drop_captions(embeds, mask, m.encoder.empty_embeds, m.encoder.empty_mask,
+                                     m.args.caption_dropout, generator)
+    if stage.round == 0:  # guidance fold on the teacher's grid: match x_u + s (x_c - x_u)
+        tau = sample_fold_times(m.teacher_sched, stage.teacher_steps, n, generator)
+        z_t = m.teacher_sched.add_noise(latents, noise, tau)
+        target = guidance_fold_target(m.teacher_x0, z_t, tau, embeds, mask, m.encoder.empty_embeds,
+                                      m.encoder.empty_mask, scale)
+    else:  # halving round: one student step = two teacher steps
+        tau, tau_mid, tau_next = sample_student_times(m.teacher_sched, stage.student_steps, n, generator)
+        z_t = m.teacher_sched.add_noise(latents, noise, tau)
+        target, _ = two_step_target(lambda z, t: m.teacher_x0(z, t, embeds, mask, scale), m.teacher_sched, z_t, tau,
+                                    tau_mid, tau_next)
+    v = m.student(z_t, tau.to(device), embeds, encoder_attention_mask=mask, guidance=scale).sample
+    x_pred = m.student_sched.predict_x0(v[:, : z_t.shape[1]].float(), tau, z_t)
+    loss = x_loss(m.student_sched, x_pred, target, tau)
+    return LossOutput(loss=loss, mse=(x_pred.detach() - target).pow(2).mean())
+
+
+def prepare_stage(args, accelerator, stage: Stage, student, vae, text_encoder, tokenizer, resolution: int):
+    """The stage's data, optimizer, linear-to-zero learning rate and EMA, prepared by accelerate."""
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     from ldm.data.image_caption import DataArgs
-    from ldm.data.latent_cache import encode_text
-    from ldm.distillation import guided_x0, sample_student_times, two_step_target, x_loss
-    from ldm.train_loop import LoopConfig, run_training
-    from ldm.training_utils import (
-        LatentBatcher, check_in_sync, make_optimizer, make_train_dataloader, weight_dtype_of,
-    )
+    from ldm.data.loader import make_train_dataloader
+    from ldm.train_loop import make_optimizer
 
-    accelerator.free_memory()
-    accelerator._custom_objects.clear()  # the previous stage's EMA must not be saved with this one
-    weight_dtype = weight_dtype_of(accelerator)
-    device = accelerator.device
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    resolution = args.resolution or teacher.config.sample_size * factor
-    data_args = DataArgs(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
-                         args.caption_column, False, args.max_train_samples, resolution, args.cache_dir, args.seed)
+    data_args = DataArgs.from_args(args, resolution)
     loader, _ = make_train_dataloader(accelerator, data_args, vae, text_encoder, tokenizer, args.train_batch_size,
                                       args.cache_latents, str(Path(args.output_dir) / "cache"), args.random_flip,
                                       args.dataloader_num_workers)
-    batcher = LatentBatcher(vae, text_encoder, tokenizer, args.random_flip)
-    with torch.no_grad():
-        empty_embeds, empty_mask = encode_text(tokenizer, text_encoder, [""])
     params = list(student.parameters())
     fold = stage.round == 0
     learning_rate = (args.guidance_learning_rate or args.learning_rate) if fold else args.learning_rate
@@ -236,50 +261,33 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     if args.use_ema:
         ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=type(student),
                        model_config=student.config)
-        ema.to(device)
+        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
+    return student, optimizer, loader, lr_scheduler, params, ema, max_steps, learning_rate
 
-    def teacher_x0(z, tau, embeds, mask, scale=None):
-        with torch.no_grad(), accelerator.autocast():
-            out = teacher(z, tau, embeds, encoder_attention_mask=mask, guidance=scale).sample
-        return teacher_sched.predict_x0(out[:, : z.shape[1]].float(), tau, z)
 
-    @dataclass
-    class Out:
-        loss: torch.Tensor
+def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, student, vae, text_encoder, tokenizer,
+                teacher_sched, student_sched):
+    """Train ``student`` for one stage against the frozen ``teacher``; returns the (unwrapped) student."""
+    from ldm.distributed import check_in_sync, weight_dtype_of
+    from ldm.latents import vae_scale_factor
+    from ldm.train_loop import LoopConfig, run_training
+    from ldm.training_step import BatchEncoder
 
-    def compute_loss(batch, generator):
-        latents, embeds, mask = batcher(batch, generator)
-        n = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        scale = None
-        if stage.guided_student:
-            lo, hi = args.guidance_scale_min, args.guidance_scale_max
-            scale = (lo + (hi - lo) * torch.rand(n, generator=generator)).to(device)
-        else:  # keep the unconditional branch alive for classifier-free guidance at sampling time
-            drop = (torch.rand(n, generator=generator) < args.caption_dropout).to(device)
-            embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype), embeds)
-            mask = torch.where(drop[:, None], empty_mask, mask)
-        if stage.round == 0:  # guidance fold on the teacher's grid: match x_u + s (x_c - x_u)
-            grid = teacher_sched.time_grid(stage.teacher_steps)[:-1]
-            tau = grid[torch.randint(0, len(grid), (n,), generator=generator)]
-            z_t = teacher_sched.add_noise(latents, noise, tau)
-            both = teacher_x0(torch.cat([z_t, z_t]), torch.cat([tau, tau]).to(device),
-                              torch.cat([empty_embeds.expand_as(embeds).to(embeds.dtype), embeds]),
-                              torch.cat([empty_mask.expand_as(mask), mask]))
-            x_uncond, x_cond = both.chunk(2)
-            target = guided_x0(x_uncond, x_cond, scale)
-        else:  # halving round: one student step = two teacher steps
-            tau, tau_mid, tau_next = sample_student_times(teacher_sched, stage.student_steps, n, generator)
-            z_t = teacher_sched.add_noise(latents, noise, tau)
-            target, _ = two_step_target(
-                lambda z, t: teacher_x0(z, t.to(device), embeds, mask, scale), teacher_sched, z_t, tau, tau_mid,
-                tau_next)
-        v = student(z_t, tau.to(device), embeds, encoder_attention_mask=mask, guidance=scale).sample
-        x_pred = student_sched.predict_x0(v[:, : z_t.shape[1]].float(), tau, z_t)
-        return Out(loss=x_loss(student_sched, x_pred, target, tau))
-
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()  # the previous stage's EMA must not be saved with this one
+    weight_dtype = weight_dtype_of(accelerator)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    resolution = args.resolution or teacher.config.sample_size * vae_scale_factor(vae)
+    student, optimizer, loader, lr_scheduler, params, ema, max_steps, learning_rate = prepare_stage(
+        args, accelerator, stage, student, vae, text_encoder, tokenizer, resolution)
+    encoder = BatchEncoder(vae, text_encoder, tokenizer, args.random_flip)
+    models = StageModels(args, accelerator, stage, teacher, student, encoder, teacher_sched, student_sched)
     work_dir = Path(args.output_dir) / f"work-{stage.folder}"
     loop = LoopConfig(work_dir, max_steps, args.checkpointing_steps, args.checkpoints_total_limit, "latest",
                       args.max_grad_norm, args.gradient_accumulation_steps, args.seed, desc=stage.folder,
@@ -287,7 +295,8 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps, peak learning rate %g", stage.folder,
                 stage.teacher_steps, stage.student_steps, " (guidance folded in)" if stage.guided_student else "",
                 max_steps, learning_rate)
-    run_training(accelerator, student, optimizer, lr_scheduler, loader, compute_loss, params, loop, ema=ema)
+    run_training(accelerator, student, optimizer, lr_scheduler, loader, partial(distillation_step, models), params,
+                 loop, ema=ema)
     unwrapped = accelerator.unwrap_model(student)
     check_in_sync(accelerator, unwrapped)
     if ema is not None:
@@ -298,8 +307,8 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
 def save_stage(args, stage: Stage, student, vae, text_encoder, tokenizer, scheduler) -> None:
     """Save the stage's student as a complete pipeline with its scheduler and a model card, then drop the
     stage's checkpoints."""
+    from ldm.components import load_frozen_components
     from ldm.model_card import render_model_card
-    from ldm.training_utils import load_frozen_components
     from pipelines import LatentPipeline
 
     stage_dir = Path(args.output_dir) / stage.folder
@@ -334,9 +343,6 @@ def save_stage(args, stage: Stage, student, vae, text_encoder, tokenizer, schedu
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError, RuntimeError, ImportError) as err:
-        logging.getLogger("distill").error("%s", err)
-        print(f"distill: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from ldm.cli import run_script
+
+    run_script("distill", main, parse_args)

@@ -111,8 +111,6 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from ldm.cli import run_script
+
+    run_script("evaluate", main, parse_args)

@@ -83,14 +83,8 @@ def run(script: str, *args) -> None:
     subprocess.run(cmd, check=True)
 
 
-def main(args: argparse.Namespace) -> None:
-    work, out = Path(args.work_dir), Path(args.output_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    common = ["--dataset_name", "shapes", "--max_train_samples", args.num_samples, "--resolution", args.resolution,
-              "--seed", args.seed, "--mixed_precision", args.mixed_precision, "--report_to", "tensorboard"]
-
-    start = time.perf_counter()
+def make_text_encoder(args, work: Path) -> Path:
+    """Stage 0: the seeded random text encoder (token embeddings at ``--text_token_std``) and the tokenizer."""
     text_dir = work / "text_encoder"
     if not (text_dir / "config.json").is_file():
         from ldm.tiny import tiny_text_encoder
@@ -100,14 +94,23 @@ def main(args: argparse.Namespace) -> None:
         tiny_text_encoder(tokenizer, args.text_width, args.seed, args.text_layers, 4,
                           token_embedding_std=args.text_token_std).save_pretrained(text_dir)
         tokenizer.save_pretrained(text_dir)
+    return text_dir
+
+
+def make_vae(args, work: Path, common: list) -> Path:
+    """Stage 1: the VAE (train_vae.py)."""
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").is_file():
         run("train_vae.py", *common, "--output_dir", vae_dir, "--block_out_channels", *args.vae_channels,
             "--norm_num_groups", args.vae_norm_groups, "--max_train_steps", args.vae_steps,
             "--train_batch_size", args.vae_batch_size, "--random_flip")
-    timings["vae_minutes"] = (time.perf_counter() - start) / 60
+    return vae_dir
 
-    start = time.perf_counter()
+
+def make_teacher(args, work: Path, common: list, vae_dir: Path, text_dir: Path) -> Path:
+    """Stage 2: the U-Net teacher (train_t2i.py), optionally continued in a second stage."""
+    from ldm.latents import vae_scale_factor
+
     teacher_dir = work / "teacher"
     # both teacher stages: v-prediction on a zero-terminal-SNR schedule, cached latents, EMA, cosine LR, resumable
     teacher_common = [
@@ -118,12 +121,11 @@ def main(args: argparse.Namespace) -> None:
         "--validation_guidance_scale", args.guidance_scale,
     ]
     if not (teacher_dir / "model_index.json").is_file():
-        factor = 2 ** (len(args.vae_channels) - 1)
         config = work / "teacher_unet.json"
         config.write_text(json.dumps({
             "block_out_channels": args.unet_channels, "attention_levels": [bool(a) for a in args.unet_attention],
             "layers_per_block": args.unet_layers, "attention_head_dim": 32, "norm_num_groups": 16,
-            "sample_size": args.resolution // factor,
+            "sample_size": args.resolution // vae_scale_factor(args.vae_channels),
         }))
         run("train_t2i.py", *teacher_common, "--vae", vae_dir, "--text_encoder", text_dir, "--denoiser", "unet",
             "--denoiser_config", config, "--output_dir", teacher_dir,
@@ -136,12 +138,13 @@ def main(args: argparse.Namespace) -> None:
             run("train_t2i.py", *teacher_common, "--pretrained_model_name_or_path", first_dir,
                 "--output_dir", teacher_dir, "--max_train_steps", args.teacher_continue_steps,
                 "--learning_rate", args.teacher_continue_lr, "--lr_warmup_steps", "100", "--validation_steps", "1000")
-    timings["teacher_minutes"] = (time.perf_counter() - start) / 60
+    return teacher_dir
 
-    start = time.perf_counter()
+
+def make_student(args, work: Path, teacher_dir: Path) -> Path:
+    """Stage 3: guidance fold + progressive distillation to 64 / 2**rounds steps (distill.py)."""
     distill_dir = work / "distilled"
-    student_steps = 64 // 2 ** args.rounds
-    student_dir = distill_dir / f"round-{args.rounds}-{student_steps}-steps"
+    student_dir = distill_dir / f"round-{args.rounds}-{64 // 2 ** args.rounds}-steps"
     if not (student_dir / "model_index.json").is_file():
         run("distill.py", "--teacher", teacher_dir, "--teacher_steps", "64", "--rounds", args.rounds,
             "--guidance_distillation", "--default_guidance_scale", args.guidance_scale, "--guidance_scale_min", "1",
@@ -152,9 +155,12 @@ def main(args: argparse.Namespace) -> None:
             "--checkpointing_steps", "500", "--output_dir", distill_dir, "--seed", args.seed,
             "--mixed_precision", args.mixed_precision,
             "--validation_prompts", "a red circle on a white background", "a blue square on a black background")
-    timings["distill_minutes"] = (time.perf_counter() - start) / 60
+    return student_dir
 
-    # ---- ship: the teacher samples with DDIM (trailing, as its zero-SNR schedule needs), the student as distilled
+
+def ship(out: Path, teacher_dir: Path, student_dir: Path) -> None:
+    """Copy both pipelines to ``out`` in fp16 storage; the teacher samples with trailing DDIM (its zero-SNR schedule
+    needs it), the student as distilled."""
     import torch
     from diffusers import DDIMScheduler
 
@@ -175,6 +181,10 @@ def main(args: argparse.Namespace) -> None:
         if (source / "validation.png").is_file():
             shutil.copy(source / "validation.png", target / "validation.png")
         ship_card(source, target)
+
+
+def evaluate_shipped(args, out: Path, work: Path, timings: dict) -> None:
+    """evaluate.py on both shipped models; the figures go to EVALUATION.json and the cards."""
     report = {"timings_minutes": {k: round(v, 1) for k, v in timings.items()}}
     for name, steps in (("shapes-teacher", 50), ("shapes-student", None)):
         cmd = ["evaluate.py", "--model", out / name, "--num_prompts", args.eval_prompts,
@@ -187,6 +197,26 @@ def main(args: argparse.Namespace) -> None:
     for name in ("shapes-teacher", "shapes-student"):
         append_evaluation(out / name / "README.md", report[name], args)
     print(json.dumps(report, indent=2))
+
+
+def main(args: argparse.Namespace) -> None:
+    work, out = Path(args.work_dir), Path(args.output_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--dataset_name", "shapes", "--max_train_samples", args.num_samples, "--resolution", args.resolution,
+              "--seed", args.seed, "--mixed_precision", args.mixed_precision, "--report_to", "tensorboard"]
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    text_dir = make_text_encoder(args, work)
+    vae_dir = make_vae(args, work, common)
+    timings["vae_minutes"] = (time.perf_counter() - start) / 60
+    start = time.perf_counter()
+    teacher_dir = make_teacher(args, work, common, vae_dir, text_dir)
+    timings["teacher_minutes"] = (time.perf_counter() - start) / 60
+    start = time.perf_counter()
+    student_dir = make_student(args, work, teacher_dir)
+    timings["distill_minutes"] = (time.perf_counter() - start) / 60
+    ship(out, teacher_dir, student_dir)
+    evaluate_shipped(args, out, work, timings)
 
 
 def ship_card(source: Path, target: Path) -> None:

@@ -20,7 +20,8 @@ import logging
 import math
 import os
 import shutil
-import sys
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ logger = logging.getLogger("train_t2i")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ldm.data.image_caption import add_data_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("models")
     g.add_argument("--pretrained_model_name_or_path", default=None,
@@ -41,18 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train a new denoiser of this kind from scratch (default: fine-tune the pipeline's)")
     g.add_argument("--denoiser_config", default=None,
                    help="config.json of the new denoiser, or a DiT size name such as dit-s/2")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_name", default=None, help="Hub id, local dataset folder/script, or 'shapes' (built in)")
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--train_data_dir", default=None, help="imagefolder with a metadata.jsonl of captions")
-    g.add_argument("--image_column", default=None)
-    g.add_argument("--caption_column", default=None)
-    g.add_argument("--streaming", action="store_true", help="stream the data set (needs --max_train_steps)")
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--resolution", type=int, default=256)
-    g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--cache_dir", default=None, help="datasets cache folder")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = add_data_arguments(p, 256, streaming=True)
     g.add_argument("--cache_latents", action="store_true",
                    help="precompute VAE latents and text embeddings once (map-style data only)")
     g.add_argument("--cache_latents_mode", choices=["posterior", "mean"], default="posterior",
@@ -146,11 +138,12 @@ def _check_args(args: argparse.Namespace) -> None:
                        args.prediction_type)
 
 
-# ---------------------------------------------------------------------------------------------------- components
+# ---------------------------------------------------------------------------------------------------- build
 def build_denoiser(args, vae, text_encoder):
     """A new denoiser sized for these latents and text tokens, or the pipeline's own denoiser."""
     import ldm
-    from ldm.training_utils import load_pipeline_denoiser
+    from ldm.components import load_pipeline_denoiser
+    from ldm.latents import vae_scale_factor
 
     if args.denoiser is None:
         denoiser = load_pipeline_denoiser(args.pretrained_model_name_or_path, args.revision)
@@ -166,7 +159,7 @@ def build_denoiser(args, vae, text_encoder):
             if args.denoiser != "dit":
                 raise ValueError(f"--denoiser_config {args.denoiser_config!r} is not a file; size names are for DiT.")
             config = ldm.dit_size_config(args.denoiser_config)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(vae)
         if args.resolution % factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {factor}.")
         config.update(sample_size=args.resolution // factor, in_channels=vae.config.latent_channels,
@@ -180,34 +173,21 @@ def build_denoiser(args, vae, text_encoder):
     return denoiser
 
 
-# ---------------------------------------------------------------------------------------------------- main
-def main(args: argparse.Namespace) -> Path:
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
+def build_models(args, accelerator):
+    """The frozen VAE, text encoder and tokenizer on the device, the denoiser to train (LoRA adapters, gradient
+    checkpointing) and the training objective."""
+    from ldm.components import load_frozen_components
+    from ldm.distributed import weight_dtype_of
+    from ldm.noise_schedules import training_scheduler
+    from ldm.training_step import Objective
 
-    from ldm.data.image_caption import DataArgs, log_skipped
-    from ldm.data.latent_cache import encode_text
-    from ldm.losses import diffusion_loss
-    from ldm.schedules import training_scheduler
-    from ldm.train_loop import LoopConfig, run_training
-    from ldm.training_utils import (
-        LatentBatcher, check_in_sync, load_frozen_components, make_accelerator, make_optimizer,
-        make_train_dataloader, tracker_config, weight_dtype_of,
-    )
-
-    output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
-                                   args.report_to, args.logging_dir, args.seed, streaming=args.streaming)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    # ---- models
     vae, text_encoder, tokenizer = load_frozen_components(
         args.pretrained_model_name_or_path, args.vae, args.text_encoder, args.tokenizer, args.revision)
     denoiser = build_denoiser(args, vae, text_encoder)
-    noise_scheduler = training_scheduler(
-        args.num_train_timesteps, args.beta_schedule, args.beta_start, args.beta_end, args.prediction_type,
-        args.rescale_betas_zero_snr, args.learned_variance)
+    scheduler = training_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start, args.beta_end,
+                                   args.prediction_type, args.rescale_betas_zero_snr, args.learned_variance)
+    objective = Objective(scheduler, args.prediction_type, args.snr_gamma, args.learned_variance, args.vlb_weight,
+                          args.noise_offset, args.caption_dropout)
     weight_dtype = weight_dtype_of(accelerator)
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -220,92 +200,120 @@ def main(args: argparse.Namespace) -> Path:
         denoiser.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
                                         init_lora_weights="gaussian",
                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    params = [p for p in denoiser.parameters() if p.requires_grad]
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser),
-                       model_config=denoiser.config)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+    return vae, text_encoder, tokenizer, denoiser, objective
 
-    # ---- data
-    data_args = DataArgs(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
-                         args.caption_column, args.streaming, args.max_train_samples, args.resolution,
-                         args.cache_dir, args.seed)
+
+def make_ema(args, accelerator, denoiser):
+    """diffusers' ``EMAModel`` of the denoiser, saved with every checkpoint (None without ``--use_ema``)."""
+    from diffusers.training_utils import EMAModel
+
+    if not args.use_ema:
+        return None
+    ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser), model_config=denoiser.config)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(ema)
+    return ema
+
+
+@dataclass
+class Prepared:
+    """The accelerate-prepared pieces of a run."""
+
+    denoiser: torch.nn.Module
+    optimizer: object
+    loader: object
+    lr_scheduler: object
+    params: list
+    skipped: object
+    max_train_steps: int
+
+
+def prepare_training(args, accelerator, denoiser, vae, text_encoder, tokenizer) -> Prepared:
+    """Data, optimizer and learning-rate schedule, prepared by accelerate with the denoiser."""
+    from diffusers.optimization import get_scheduler
+
+    from ldm.data.image_caption import DataArgs
+    from ldm.data.loader import make_train_dataloader
+    from ldm.train_loop import make_optimizer
+
+    data_args = DataArgs.from_args(args)
     loader, skipped = make_train_dataloader(
         accelerator, data_args, vae, text_encoder, tokenizer, args.train_batch_size, args.cache_latents,
-        args.latents_cache_dir or str(output_dir / "cache"), args.random_flip, args.dataloader_num_workers)
-    batcher = LatentBatcher(vae, text_encoder, tokenizer, args.random_flip, args.cache_latents_mode)
-    with torch.no_grad():
-        empty_embeds, empty_mask = encode_text(tokenizer, text_encoder, [""])
-
-    # ---- optimisation
+        args.latents_cache_dir or str(Path(args.output_dir) / "cache"), args.random_flip,
+        args.dataloader_num_workers)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
     lr = args.learning_rate
     if args.scale_lr:
         lr *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(params, lr, args.use_8bit_adam, (args.adam_beta1, args.adam_beta2),
                                args.adam_weight_decay, args.adam_epsilon)
-    if args.max_train_steps is None:
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
         batches_per_process = math.ceil(len(loader) / accelerator.num_processes)
         max_train_steps = args.num_train_epochs * math.ceil(batches_per_process / args.gradient_accumulation_steps)
-    else:
-        max_train_steps = args.max_train_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
     denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(denoiser, optimizer, loader, lr_scheduler)
+    return Prepared(denoiser, optimizer, loader, lr_scheduler, params, skipped, max_train_steps)
 
+
+@dataclass
+class Validation:
+    """Called after every optimizer step: samples the validation prompts every ``--validation_steps``."""
+
+    args: argparse.Namespace
+    accelerator: object
+    models: tuple  # (denoiser unwrapped, ema, vae, text_encoder, tokenizer, training scheduler)
+    grids: list = field(default_factory=list)
+
+    def __call__(self, step: int, force: bool = False) -> None:
+        if self.args.validation_prompts and (force or step % self.args.validation_steps == 0):
+            self.grids.append(validate(self.args, self.accelerator, *self.models, step))
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> Path:
+    from ldm.data.image_caption import log_skipped
+    from ldm.distributed import check_in_sync, make_accelerator, tracker_config
+    from ldm.train_loop import LoopConfig, run_training
+    from ldm.training_step import BatchEncoder, diffusion_step
+
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
+                                   args.report_to, args.logging_dir, args.seed, streaming=args.streaming)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    vae, text_encoder, tokenizer, denoiser, objective = build_models(args, accelerator)
+    ema = make_ema(args, accelerator, denoiser)
+    run = prepare_training(args, accelerator, denoiser, vae, text_encoder, tokenizer)
+    encoder = BatchEncoder(vae, text_encoder, tokenizer, args.random_flip, args.cache_latents_mode)
     if accelerator.is_main_process:
         config = tracker_config(args)
         accelerator.init_trackers("train_t2i", config=config)
         (output_dir / "training_args.json").write_text(json.dumps(config, indent=2))
-
-    unwrapped = accelerator.unwrap_model(denoiser)
+    unwrapped = accelerator.unwrap_model(run.denoiser)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("Training %s (%d of %d parameters trainable) for %d steps, %d images per step",
-                type(unwrapped).__name__, sum(p.numel() for p in params),
-                sum(p.numel() for p in unwrapped.parameters()), max_train_steps, total_batch)
+                type(unwrapped).__name__, sum(p.numel() for p in run.params),
+                sum(p.numel() for p in unwrapped.parameters()), run.max_train_steps, total_batch)
 
-    def compute_loss(batch, generator):
-        """One micro-batch -> LossOutput; every random draw comes from ``generator``."""
-        latents, embeds, mask = batcher(batch, generator)
-        n = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator)
-        if args.noise_offset:
-            noise += args.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=generator)
-        noise = noise.to(latents.device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=generator)
-        timesteps = timesteps.to(latents.device)
-        drop = (torch.rand(n, generator=generator) < args.caption_dropout).to(latents.device)
-        embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype), embeds)
-        mask = torch.where(drop[:, None], empty_mask, mask)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample
-        return diffusion_loss(noise_scheduler, output, latents, noise, noisy, timesteps, args.prediction_type,
-                              args.snr_gamma, args.learned_variance, args.vlb_weight)
-
-    grids = []
-
-    def after_step(step: int) -> None:
-        if args.validation_prompts and step % args.validation_steps == 0:
-            grids.append(validate(args, accelerator, unwrapped, ema, vae, text_encoder, tokenizer, noise_scheduler,
-                                  step))
-
-    loop = LoopConfig(output_dir, max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
+    validation = Validation(args, accelerator, (unwrapped, ema, vae, text_encoder, tokenizer, objective.scheduler))
+    loop = LoopConfig(output_dir, run.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
-                      skipped=skipped)
-    global_step = run_training(accelerator, denoiser, optimizer, lr_scheduler, loader, compute_loss, params, loop,
-                               ema=ema, after_step=after_step)
+                      skipped=run.skipped)
+    step = run_training(accelerator, run.denoiser, run.optimizer, run.lr_scheduler, run.loader,
+                        partial(diffusion_step, run.denoiser, encoder, objective), run.params, loop, ema=ema,
+                        after_step=validation)
     if args.streaming:
         log_skipped(loop.skipped)
-    if args.validation_prompts and global_step % args.validation_steps:
-        grids.append(validate(args, accelerator, unwrapped, ema, vae, text_encoder, tokenizer, noise_scheduler,
-                              global_step))
-    last_grid = grids[-1] if grids else None
+    if args.validation_prompts and step % args.validation_steps:
+        validation(step, force=True)
     check_in_sync(accelerator, unwrapped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(args, unwrapped, ema, noise_scheduler, last_grid, global_step, total_batch)
+        save_final(args, unwrapped, ema, objective.scheduler, validation.grids[-1] if validation.grids else None,
+                   step, total_batch)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output_dir
@@ -317,7 +325,7 @@ def validate(args, accelerator, denoiser, ema, vae, text_encoder, tokenizer, noi
     to ``<output_dir>/validation/step-<step>.png`` and logs it. Returns the grid's path."""
     from diffusers.utils import make_image_grid
 
-    from ldm.schedules import sampling_scheduler
+    from ldm.noise_schedules import sampling_scheduler
     from pipelines import LatentPipeline
 
     if ema is not None:
@@ -356,8 +364,8 @@ def validate(args, accelerator, denoiser, ema, vae, text_encoder, tokenizer, noi
 def save_final(args, denoiser, ema, noise_scheduler, grid: Path | None, step: int, total_batch: int) -> None:
     """Save the pipeline (EMA weights when used) or the LoRA adapters, the model card, and push if asked."""
     from ldm.model_card import render_model_card
-    from ldm.schedules import sampling_scheduler
-    from ldm.training_utils import load_frozen_components
+    from ldm.components import load_frozen_components
+    from ldm.noise_schedules import sampling_scheduler
     from pipelines import LatentPipeline
 
     output_dir = Path(args.output_dir)
@@ -408,9 +416,6 @@ def push_folder(folder: Path, repo_id: str, token: str | None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError, RuntimeError, ImportError) as err:
-        logging.getLogger("train_t2i").error("%s", err)
-        print(f"train_t2i: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from ldm.cli import run_script
+
+    run_script("train_t2i", main, parse_args)

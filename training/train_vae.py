@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,18 +25,10 @@ logger = logging.getLogger("train_vae")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from ldm.data.image_caption import add_data_arguments
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    g = p.add_argument_group("data (as train_t2i.py)")
-    g.add_argument("--dataset_name", default=None)
-    g.add_argument("--dataset_config_name", default=None)
-    g.add_argument("--train_data_dir", default=None)
-    g.add_argument("--image_column", default=None)
-    g.add_argument("--caption_column", default=None)
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--resolution", type=int, default=64)
-    g.add_argument("--random_flip", action="store_true")
-    g.add_argument("--cache_dir", default=None)
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_data_arguments(p, 64)
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_vae", default=None, help="fine-tune this AutoencoderKL instead of a new one")
     g.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 128],
@@ -70,9 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Give --dataset_name or --train_data_dir.")
-    if args.resolution % 2 ** (len(args.block_out_channels) - 1):
+    from ldm.latents import vae_scale_factor
+
+    if args.resolution % vae_scale_factor(args.block_out_channels):
         raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor "
-                         f"{2 ** (len(args.block_out_channels) - 1)}.")
+                         f"{vae_scale_factor(args.block_out_channels)}.")
     return args
 
 
@@ -106,8 +101,10 @@ class PosteriorAutoencoder(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor, generator: torch.Generator):
         """pixels (B, 3, R, R) -> reconstruction (B, 3, R, R), KL per sample (B,) per latent element."""
+        from ldm.latents import sample_posterior
+
         dist = self.vae.encode(pixels).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=generator).to(pixels.device)
+        z = sample_posterior(dist.parameters, "posterior", generator)
         return self.vae.decode(z).sample, dist.kl() / dist.mean[0].numel()
 
 
@@ -127,18 +124,43 @@ def perceptual_loss_fn(weight: float):
 @torch.no_grad()
 def latent_scaling_factor(vae, loader, num_samples: int, device) -> float:
     """1 / std of posterior samples over about ``num_samples`` training images."""
+    from ldm.latents import encode_posterior, sample_posterior
+
     latents = []
     seen = 0
     generator = torch.Generator().manual_seed(0)
     for batch in loader:
-        pixels = batch["pixel_values"].to(device, vae.dtype)
-        dist = vae.encode(pixels).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(device)
-        latents.append((dist.mean + dist.std * noise).float().cpu())
-        seen += len(pixels)
+        z = sample_posterior(encode_posterior(vae, batch["pixel_values"]), "posterior", generator)
+        latents.append(z.float().cpu())
+        seen += len(z)
         if seen >= num_samples:
             break
     return float(1.0 / torch.cat(latents).std())
+
+
+@dataclass
+class VAELoss:
+    loss: torch.Tensor
+    rec: torch.Tensor
+    kl: torch.Tensor
+
+    def logs(self) -> dict[str, float]:
+        return {"reconstruction": self.rec.item(), "kl": self.kl.item()}
+
+
+def vae_loss(args, model: PosteriorAutoencoder, lpips, batch: dict, generator: torch.Generator) -> VAELoss:
+    """Reconstruction (+ LPIPS) of a posterior sample + KL; (B, 3, R, R) pixels in [-1, 1]."""
+    pixels = batch["pixel_values"]
+    if args.random_flip:
+        flip = (torch.rand(len(pixels), generator=generator) < 0.5).to(pixels.device)
+        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
+    recon, kl = model(pixels, generator)
+    rec = args.l1_weight * F.l1_loss(recon, pixels) + args.mse_weight * F.mse_loss(recon, pixels)
+    kl = kl.mean()
+    loss = rec + args.kl_weight * kl
+    if lpips is not None:
+        loss = loss + args.perceptual_weight * lpips(recon.clamp(-1, 1), pixels)
+    return VAELoss(loss, rec.detach(), kl.detach())
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -146,7 +168,8 @@ def main(args: argparse.Namespace) -> Path:
 
     from ldm.data.image_caption import DataArgs, prepare_training_dataset
     from ldm.train_loop import LoopConfig, run_training
-    from ldm.training_utils import check_in_sync, make_accelerator, make_optimizer, tracker_config
+    from ldm.distributed import check_in_sync, make_accelerator, tracker_config
+    from ldm.train_loop import make_optimizer
 
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision,
@@ -155,9 +178,7 @@ def main(args: argparse.Namespace) -> Path:
     lpips = perceptual_loss_fn(args.perceptual_weight)
     if lpips is not None:
         lpips.to(accelerator.device).requires_grad_(False)
-    data_args = DataArgs(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
-                         args.caption_column, False, args.max_train_samples, args.resolution, args.cache_dir,
-                         args.seed)
+    data_args = DataArgs.from_args(args)
     with accelerator.main_process_first():
         dataset, collator, _ = prepare_training_dataset(data_args)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
@@ -171,31 +192,11 @@ def main(args: argparse.Namespace) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers("train_vae", config=tracker_config(args))
 
-    class Out:
-        def __init__(self, loss, rec, kl):
-            self.loss, self.rec, self.kl = loss, rec, kl
-
-        def logs(self):
-            return {"reconstruction": self.rec.item(), "kl": self.kl.item()}
-
-    def compute_loss(batch, generator):
-        """Reconstruction (+ LPIPS) of a posterior sample + KL; (B, 3, R, R) pixels in [-1, 1]."""
-        pixels = batch["pixel_values"]
-        if args.random_flip:
-            flip = (torch.rand(len(pixels), generator=generator) < 0.5).to(pixels.device)
-            pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        recon, kl = model(pixels, generator)
-        rec = args.l1_weight * F.l1_loss(recon, pixels) + args.mse_weight * F.mse_loss(recon, pixels)
-        kl = kl.mean()
-        loss = rec + args.kl_weight * kl
-        if lpips is not None:
-            loss = loss + args.perceptual_weight * lpips(recon.clamp(-1, 1), pixels)
-        return Out(loss, rec.detach(), kl.detach())
-
     loop = LoopConfig(output_dir, args.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
                       desc="VAE steps")
-    run_training(accelerator, model, optimizer, lr_scheduler, loader, compute_loss, params, loop)
+    run_training(accelerator, model, optimizer, lr_scheduler, loader, partial(vae_loss, args, model, lpips), params,
+                 loop)
     unwrapped = accelerator.unwrap_model(model).vae.eval()
     check_in_sync(accelerator, unwrapped)
     scaling = latent_scaling_factor(unwrapped, loader, args.scaling_samples, accelerator.device)
@@ -209,9 +210,6 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (ValueError, OSError, RuntimeError, ImportError) as err:
-        logging.getLogger("train_vae").error("%s", err)
-        print(f"train_vae: error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from ldm.cli import run_script
+
+    run_script("train_vae", main, parse_args)

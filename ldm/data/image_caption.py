@@ -44,6 +44,33 @@ class DataArgs:
     shuffle_buffer_size: int = 1000
 
 
+    @classmethod
+    def from_args(cls, args, resolution: int | None = None) -> "DataArgs":
+        """From a script's parsed :func:`add_data_arguments` (``resolution`` overrides ``args.resolution``)."""
+        return cls(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
+                   args.caption_column, getattr(args, "streaming", False), args.max_train_samples,
+                   resolution or args.resolution, args.cache_dir, args.seed)
+
+
+def add_data_arguments(parser, resolution: int | None, resolution_help: str = "training image size",
+                       streaming: bool = False):
+    """The data flags every training script takes (``train_t2i.py``, ``train_vae.py``, ``distill.py``)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", default=None, help="Hub id, local dataset folder, or 'shapes' (built in)")
+    g.add_argument("--dataset_config_name", default=None)
+    g.add_argument("--train_data_dir", default=None, help="imagefolder with a metadata.jsonl of captions")
+    g.add_argument("--image_column", default=None)
+    g.add_argument("--caption_column", default=None)
+    if streaming:
+        g.add_argument("--streaming", action="store_true", help="stream the data set (needs --max_train_steps)")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--resolution", type=int, default=resolution, help=resolution_help)
+    g.add_argument("--random_flip", action="store_true")
+    g.add_argument("--cache_dir", default=None, help="datasets cache folder")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    return g
+
+
 def load_raw_dataset(args: DataArgs, split: str = "train"):
     """The data set (map-style or streaming) with its image column left undecoded, and the resolved column names."""
     import datasets

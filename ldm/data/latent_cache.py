@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from datasets import Array2D, Array3D, Features, Sequence, Value
 
+from ..latents import encode_posterior, vae_scale_factor
 from .image_caption import ImageCaptionCollator
 
 
@@ -46,7 +47,7 @@ def cache_latents_and_text(ds, collator: ImageCaptionCollator, vae, text_encoder
     """Map-style data set of checked rows -> the cached data set described in the module docstring."""
     os.makedirs(cache_dir, exist_ok=True)
     fingerprint = _fingerprint(ds, vae, text_encoder, tokenizer, collator.resolution, random_flip)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     c, hw = 2 * vae.config.latent_channels, collator.resolution // factor
     length, width = tokenizer.model_max_length, text_encoder.config.hidden_size
     features = {
@@ -60,10 +61,10 @@ def cache_latents_and_text(ds, collator: ImageCaptionCollator, vae, text_encoder
     def encode(batch):
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         data = collator(rows)
-        pixels = data["pixel_values"].to(vae.device, vae.dtype)
-        out = {"latent_params": vae.encode(pixels).latent_dist.parameters.float().cpu().numpy()}
+        pixels = data["pixel_values"]
+        out = {"latent_params": encode_posterior(vae, pixels).float().cpu().numpy()}
         if random_flip:
-            out["latent_params_flip"] = vae.encode(pixels.flip(-1)).latent_dist.parameters.float().cpu().numpy()
+            out["latent_params_flip"] = encode_posterior(vae, pixels.flip(-1)).float().cpu().numpy()
         embeds, mask = encode_text(tokenizer, text_encoder, data["captions"])
         out["prompt_embeds"] = embeds.float().cpu().numpy()
         out["prompt_mask"] = mask.cpu().numpy().astype(np.int8)
@@ -74,16 +75,3 @@ def cache_latents_and_text(ds, collator: ImageCaptionCollator, vae, text_encoder
         cache_file_name=os.path.join(cache_dir, f"latents-{fingerprint}.arrow"), new_fingerprint=fingerprint,
         desc="Caching latents and text embeddings",
     ).with_format("torch")
-
-
-def sample_latents(params: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """VAE posterior parameters (B, 2C, h, w) = [mean, logvar] -> latents (B, C, h, w), unscaled.
-
-    ``mode="mean"`` returns the mean; ``"posterior"`` draws mean + std * eps with ``generator`` (CPU), the same
-    draw whether the parameters come from the cache or from the VAE on the fly.
-    """
-    mean, logvar = params.float().chunk(2, dim=1)
-    if mode == "mean":
-        return mean
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)

@@ -94,18 +94,10 @@ VALID_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
 """All (colour, shape, background) triples whose colour contrasts with the background."""
 
 HELDOUT_TRIPLES: tuple[tuple[str, str, str], ...] = (
-    ("red", "square", "black"),
-    ("green", "circle", "white"),
-    ("blue", "triangle", "gray"),
-    ("yellow", "circle", "black"),
-    ("purple", "square", "white"),
-    ("orange", "triangle", "blue"),
-    ("white", "circle", "gray"),
-    ("black", "triangle", "white"),
-    ("red", "triangle", "blue"),
-    ("green", "square", "gray"),
-    ("yellow", "square", "blue"),
-    ("purple", "circle", "black"),
+    ("red", "square", "black"), ("green", "circle", "white"), ("blue", "triangle", "gray"),
+    ("yellow", "circle", "black"), ("purple", "square", "white"), ("orange", "triangle", "blue"),
+    ("white", "circle", "gray"), ("black", "triangle", "white"), ("red", "triangle", "blue"),
+    ("green", "square", "gray"), ("yellow", "square", "blue"), ("purple", "circle", "black"),
 )
 """Held-out triples (~14% of the valid ones): each shape 4 times, each background 3 times."""
 
@@ -229,12 +221,6 @@ def render_sample(
 def heldout_prompts(num_prompts: int = 64, seed: int = 0) -> list[tuple[str, dict[str, object | None]]]:
     """The first ``num_prompts`` held-out ``(caption, attributes)`` pairs (single-shape, unseen triples)."""
     return [sample_attributes(i, "heldout", seed) for i in range(num_prompts)]
-
-
-def caption_corpus(num_captions: int = 10_000, seed: int = 0) -> list[str]:
-    """Training captions ``0..num_captions-1``, e.g. to train a tokenizer (a few hundred already
-    cover every word of the vocabulary)."""
-    return [sample_attributes(i, "train", seed)[0] for i in range(num_captions)]
 
 
 def _generate(split: str, num_samples: int, resolution: int, seed: int, two_shape_fraction: float,

@@ -149,13 +149,9 @@ def _grid_position(center: np.ndarray, height: int, width: int) -> str:
 
 
 def analyze_image(image: ImageLike) -> dict[str, object | None]:
-    """Recognise the background and the main (largest) shape of ``image``.
+    """Recognise the background and the main (largest) shape of ``image`` (PIL, HxWx3 uint8, or floats in [0, 1]).
 
-    Args:
-        image: a PIL image, an HxWx3 uint8 array or an HxWx3 float array in [0, 1].
-
-    Returns:
-        dict with ``background``, ``color``, ``shape`` (``"circle"|"square"|"triangle"``),
+    Returns a dict with ``background``, ``color``, ``shape`` (``"circle"|"square"|"triangle"``),
         ``position`` (3x3 grid name), ``size`` (``"small"|"medium"|"large"``), each ``None`` when
         not recognised (no uniform background, no single dominant shape, an off-palette colour),
         plus the measured ``background_rgb``/``color_rgb`` and per-shape ``fits`` for debugging.

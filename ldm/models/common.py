@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.activations import GEGLU, GELU
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from ..guidance import embedding_input
 
 
 @dataclass
@@ -30,14 +30,9 @@ class DenoiserOutput(BaseOutput):
 
 
 def mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, L) keep-mask of 1/0 (or bool) -> (B, 1, L) additive attention bias (0 keep, -10000 drop).
-
-    A tensor that is already a float bias with 3 dims is returned as is (cast to ``dtype``).
-    """
+    """(B, L) keep-mask of 1/0 (or bool) -> (B, 1, L) additive attention bias (0 keep, -10000 drop)."""
     if mask is None:
         return None
-    if mask.ndim == 3:
-        return mask.to(dtype)
     if mask.ndim != 2:
         raise ValueError(f"encoder_attention_mask must have shape (batch, tokens), got {tuple(mask.shape)}")
     return ((1.0 - mask.to(dtype)) * -10000.0).unsqueeze(1)
@@ -50,10 +45,10 @@ def drop_padding(
 
     Exact: a masked token gets a -10000 bias, whose softmax weight is 0 in every float dtype, so dropping it changes
     nothing but the work (CLIP prompts are padded to 77 tokens; a guided batch of short prompts uses 10-30). Left
-    alone: no mask, a 3-dim bias, a sample that masks every token (it attends uniformly to all L), and
+    alone: no mask, a sample that masks every token (it attends uniformly to all L), and
     tracing/compiling (the length is data-dependent). Costs one host sync per forward on accelerators.
     """
-    if mask is None or mask.ndim != 2:
+    if mask is None:
         return context, mask
     if mask.shape != context.shape[:2]:
         raise ValueError(
@@ -75,54 +70,12 @@ def _is_compiling() -> bool:
     return bool(is_compiling and is_compiling())
 
 
-class DenoiserAttnProcessor:
-    """Default attention processor of the ldm denoisers: torch SDPA, a (B, 1, L) additive bias broadcast over heads.
-
-    Same math as diffusers' ``AttnProcessor2_0`` for the plain ``Attention`` layers the denoisers build (no norms,
-    no residual, output scale 1), without its per-head copy of the mask and its division by ``rescale_output_factor``.
-    ``enable_xformers_memory_efficient_attention()``/``set_attn_processor()`` replace it as usual; LoRA on
-    ``to_q/to_k/to_v/to_out.0`` works unchanged.
-    """
-
-    def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """hidden_states (B, N, D), encoder_hidden_states (B, L, D_ctx) or None, attention_mask (B, 1|N, L) bias."""
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        q, k, v = (z.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for z in (q, k, v))  # (B, heads, N|L, d)
-        if attention_mask is not None:
-            attention_mask = attention_mask.unsqueeze(1).to(q.dtype)  # (B, 1, 1|N, L)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, heads, N, d)
-        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
-
-
-def feed_forward(ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``ff(x)`` for a diffusers ``FeedForward`` with a GELU or GEGLU activation: (B, N, D) -> (B, N, D).
-
-    Same modules (LoRA on ``net.0.proj``/``net.2`` applies) and the same numbers; but when autograd does not need the
-    activations (inference, frozen weights), the GELU and the gating run in place on the (B, N, inner) projection
-    instead of allocating one or two more buffers that size (on CPU those are page-faulted in on every call).
-    """
-    act, *rest = ff.net
-    if not isinstance(act, (GELU, GEGLU)) or x.device.type not in ("cpu", "cuda"):
-        return ff(x)
-    h = act.proj(x)  # (B, N, inner), GEGLU: (B, N, 2 * inner)
-    in_place = not h.requires_grad
-    if isinstance(act, GEGLU):
-        h, gate = h.chunk(2, dim=-1)
-        h = h.mul_(torch.ops.aten.gelu_(gate)) if in_place else h * F.gelu(gate)
-    elif in_place:
-        h = torch.ops.aten.gelu_(h, approximate=act.approximate)
-    else:
-        h = F.gelu(h, approximate=act.approximate)
-    for module in rest:  # dropout, Linear(inner, D)
-        h = module(h)
-    return h
+def resolve_out_channels(in_channels: int, out_channels: int | None, learned_sigma: bool) -> int:
+    """Prediction channels: ``in_channels``, doubled with a learned sigma (``[prediction, variance]``)."""
+    out_channels = out_channels or (2 * in_channels if learned_sigma else in_channels)
+    if learned_sigma and out_channels != 2 * in_channels:
+        raise ValueError(f"learned_sigma needs out_channels = 2 x in_channels = {2 * in_channels}")
+    return out_channels
 
 
 def check_denoiser_inputs(sample: torch.Tensor, encoder_hidden_states: torch.Tensor, divisor: int, why: str) -> None:
@@ -147,11 +100,45 @@ def broadcast_timestep(timestep: torch.Tensor | float | int, batch: int, device:
     return timestep.expand(batch)
 
 
+class DenoiserMixin:
+    """The call both denoisers share: input checks, the timestep (+ guidance) embedding, the padding cut and the
+    attention bias, then the architecture's own ``denoise(sample, temb, context, bias)`` -> (B, C_out, H, W).
+
+    Subclasses define ``time_embed`` (a :class:`ConditionEmbedding`), ``sample_divisor`` and ``divisor_reason``.
+    Listed first among the bases, so this ``forward`` is the model's.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DenoiserOutput | tuple[torch.Tensor]:
+        """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W)."""
+        check_denoiser_inputs(sample, encoder_hidden_states, self.sample_divisor, self.divisor_reason)
+        timestep = broadcast_timestep(timestep, sample.shape[0], sample.device)
+        temb = self.time_embed(timestep, guidance, sample.dtype)  # (B, T)
+        context, mask = drop_padding(encoder_hidden_states, encoder_attention_mask)  # (B, L', D_txt), L' <= L
+        out = self.denoise(sample, temb, context, mask_to_bias(mask, sample.dtype))  # bias (B, 1, L')
+        return DenoiserOutput(sample=out) if return_dict else (out,)
+
+    def _run(self, module: nn.Module, *args) -> torch.Tensor:
+        """``module(*args)``, through gradient checkpointing when it is on and autograd records."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(module, *args)
+        return module(*args)
+
+
 class ConditionEmbedding(nn.Module):
     """Sinusoidal timestep (and optional guidance-weight) embedding -> (B, dim).
 
-    The guidance branch embeds w like a timestep (scaled by 1000 so w ~ 1..15 spans the sinusoid
-    frequencies); it is used by guidance-distilled students (Meng et al. 2023).
+    The guidance branch embeds w like a timestep (``ldm.guidance.embedding_input``); it is used by
+    guidance-distilled students (Meng et al. 2023).
     """
 
     def __init__(self, freq_dim: int, dim: int, guidance_embedding: bool = False):
@@ -172,6 +159,6 @@ class ConditionEmbedding(nn.Module):
                     "This denoiser was distilled with classifier-free guidance folded in (guidance_embedding=True): "
                     "pass `guidance` (the guidance weight w, shape (batch,))."
                 )
-            guidance = broadcast_timestep(guidance, timestep.shape[0], timestep.device).float()
-            emb = emb + self.guidance_embedding(self.guidance_proj(guidance * 1000.0).to(dtype))
+            guidance = broadcast_timestep(guidance, timestep.shape[0], timestep.device)
+            emb = emb + self.guidance_embedding(self.guidance_proj(embedding_input(guidance)).to(dtype))
         return emb

@@ -22,20 +22,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection, get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .common import (
-    ConditionEmbedding,
-    DenoiserAttnProcessor,
-    DenoiserOutput,
-    broadcast_timestep,
-    check_denoiser_inputs,
-    drop_padding,
-    feed_forward,
-    mask_to_bias,
-)
+from .common import ConditionEmbedding, DenoiserMixin, resolve_out_channels
 
 #: DiT model sizes (depth, hidden size, heads), from Peebles & Xie, Table 1. Patch sizes 2, 4, 8.
 DIT_SIZES: dict[str, dict[str, int]] = {
@@ -56,6 +47,22 @@ def dit_size_config(name: str) -> dict[str, int]:
     return dict(DIT_SIZES[m.group(1).upper()], patch_size=int(m.group(2)))
 
 
+#: State-dict keys of DiT checkpoints saved by ldm <= 0.1 (own patch conv and caption MLP) -> today's modules.
+LEGACY_KEYS = {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias",
+               "caption_projection.0.weight": "caption_projection.linear_1.weight",
+               "caption_projection.0.bias": "caption_projection.linear_1.bias",
+               "caption_projection.2.weight": "caption_projection.linear_2.weight",
+               "caption_projection.2.bias": "caption_projection.linear_2.bias"}
+
+
+def convert_legacy_state_dict(state_dict: dict, prefix: str = "") -> dict:
+    """Rename (in place) the keys of an older DiT checkpoint to the current module names; returns it."""
+    for old, new in LEGACY_KEYS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+    return state_dict
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (B, N, D), shift/scale (B, 1, D) -> x * (1 + scale) + shift, in one pass over x."""
     return torch.addcmul(shift, x, 1 + scale)
@@ -67,9 +74,9 @@ class DiTBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, adaln: str):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True, processor=DenoiserAttnProcessor())
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True, )
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True, processor=DenoiserAttnProcessor())
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads, bias=True, )
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
         if adaln == "single":  # PixArt: shared projection + per-block learned offsets
@@ -85,10 +92,10 @@ class DiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, D)
         x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1)))  # x + gate1 * attn
         x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias)
-        return torch.addcmul(x, gate2, feed_forward(self.ff, modulate(self.norm3(x), shift2, scale2)))
+        return torch.addcmul(x, gate2, self.ff(modulate(self.norm3(x), shift2, scale2)))
 
 
-class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""Text-conditioned DiT denoiser.
 
     Args:
@@ -103,18 +110,14 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         guidance_embedding: embed a guidance weight next to the timestep (guidance-distilled students).
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        in_channels: int = 4,
-        out_channels: int | None = None,
-        learned_sigma: bool = False,
-        patch_size: int = 2,
+        sample_size: int = 32, in_channels: int = 4, out_channels: int | None = None,  # latents in, prediction out
+        learned_sigma: bool = False, patch_size: int = 2,
         hidden_size: int = 384,
         depth: int = 12,
         num_attention_heads: int = 6,
@@ -131,19 +134,16 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                              f"use a larger resolution or a smaller patch.")
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}")
-        out_channels = out_channels or (2 * in_channels if learned_sigma else in_channels)
-        if learned_sigma and out_channels != 2 * in_channels:
-            raise ValueError(f"learned_sigma needs out_channels = 2 x in_channels = {2 * in_channels}")
+        out_channels = resolve_out_channels(in_channels, out_channels, learned_sigma)
         self.gradient_checkpointing = False
         self.out_channels = out_channels
         d = hidden_size
 
-        self.patch_embed = nn.Conv2d(in_channels, d, patch_size, stride=patch_size)
+        # diffusers' patchify (p x p conv + flatten) and PixArt's caption MLP; positions are ours (below)
+        self.patch_embed = PatchEmbed(sample_size, sample_size, patch_size, in_channels, d, pos_embed_type=None)
         self.register_buffer("pos_embed", self._sincos(sample_size // patch_size, sample_size // patch_size),
                              persistent=False)
-        self.caption_projection = nn.Sequential(
-            nn.Linear(cross_attention_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
-        )
+        self.caption_projection = PixArtAlphaTextProjection(cross_attention_dim, d, act_fn="gelu_tanh")
         self.time_embed = ConditionEmbedding(256, d, guidance_embedding)
         if adaln == "single":
             self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
@@ -154,6 +154,8 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         self.norm_out = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(d, patch_size * patch_size * out_channels)
         self.initialize_weights()
+        # nn.Module.load_state_dict of an older checkpoint (from_pretrained uses _fix_state_dict_keys_on_load)
+        self._register_load_state_dict_pre_hook(lambda sd, prefix, *_: convert_legacy_state_dict(sd, prefix))
 
     def _sincos(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """Fixed (1, grid_h * grid_w, D) 2D sin-cos position table (rows first)."""
@@ -172,15 +174,15 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                     nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-        w = self.patch_embed.weight.data
+        w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.zeros_(self.patch_embed.proj.bias)
         for emb in (self.time_embed.time_embedding, self.time_embed.guidance_embedding):
             if emb is not None:
                 nn.init.normal_(emb.linear_1.weight, std=0.02)
                 nn.init.normal_(emb.linear_2.weight, std=0.02)
-        nn.init.normal_(self.caption_projection[0].weight, std=0.02)
-        nn.init.normal_(self.caption_projection[2].weight, std=0.02)
+        nn.init.normal_(self.caption_projection.linear_1.weight, std=0.02)
+        nn.init.normal_(self.caption_projection.linear_2.weight, std=0.02)
         zero = [self.proj_out]
         if self.config.adaln == "single":
             nn.init.normal_(self.adaln_single[1].weight, std=0.02)
@@ -190,52 +192,39 @@ class DiTModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    def _fix_state_dict_keys_on_load(self, state_dict) -> None:
+        """``from_pretrained`` hook: checkpoints saved before the switch to diffusers' modules still load."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        convert_legacy_state_dict(state_dict)
+
     @property
     def sample_divisor(self) -> int:
         """Latent height and width must be multiples of the patch size."""
         return self.config.patch_size
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ) -> DenoiserOutput | tuple[torch.Tensor]:
-        """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W)."""
+    divisor_reason = "the patch size"
+
+    def denoise(self, sample, temb, context, bias) -> torch.Tensor:
+        """sample (B, C, H, W), temb (B, D), text tokens (B, L, D_txt), bias (B, 1, L) -> (B, C_out, H, W)."""
         b, _, h, w = sample.shape
         p = self.config.patch_size
-        check_denoiser_inputs(sample, encoder_hidden_states, p, "the patch size")
         gh, gw = h // p, w // p
         default_grid = self.config.sample_size // p
         pos = self.pos_embed if gh == gw == default_grid else self._sincos(gh, gw).to(sample.device)
         # (B, N, D), made contiguous once: a transposed residual stream would make every LayerNorm copy it
-        x = self.patch_embed(sample).flatten(2).transpose(1, 2).contiguous() + pos.to(sample.dtype)
-
-        timestep = broadcast_timestep(timestep, b, sample.device)
-        temb = self.time_embed(timestep, guidance, sample.dtype)  # (B, D)
-        encoder_hidden_states, encoder_attention_mask = drop_padding(encoder_hidden_states, encoder_attention_mask)
-        context = self.caption_projection(encoder_hidden_states)  # (B, L', D), L' <= L: all-padding tail dropped
-        bias = mask_to_bias(encoder_attention_mask, sample.dtype)  # (B, 1, L')
+        x = self.patch_embed(sample).contiguous() + pos.to(sample.dtype)
+        context = self.caption_projection(context)  # (B, L, D)
         if self.config.adaln == "single":
             cond = self.adaln_single(temb).unflatten(1, (6, -1))  # (B, 6, D)
             shift, scale = (self.final_scale_shift_table[None] + temb[:, None]).unsqueeze(2).unbind(1)
         else:
             cond = temb
             shift, scale = self.final_adaLN_modulation(temb).unflatten(1, (2, -1)).unsqueeze(2).unbind(1)
-
         for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = self._gradient_checkpointing_func(block, x, cond, context, bias)
-            else:
-                x = block(x, cond, context, bias)
-
+            x = self._run(block, x, cond, context, bias)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C_out)
         x = x.reshape(b, gh, gw, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
-        out = x.reshape(b, self.out_channels, h, w)
-        return DenoiserOutput(sample=out) if return_dict else (out,)
+        return x.reshape(b, self.out_channels, h, w)
 
     @classmethod
     def from_size(cls, name: str, **kwargs) -> "DiTModel":

@@ -27,16 +27,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .common import (
-    ConditionEmbedding,
-    DenoiserAttnProcessor,
-    DenoiserOutput,
-    broadcast_timestep,
-    check_denoiser_inputs,
-    drop_padding,
-    feed_forward,
-    mask_to_bias,
-)
+from .common import ConditionEmbedding, DenoiserMixin, resolve_out_channels
 
 
 class ResBlock(nn.Module):
@@ -66,17 +57,16 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int, dropout: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, dropout=dropout, processor=DenoiserAttnProcessor())
+        self.attn1 = Attention(dim, heads=heads, dim_head=head_dim, dropout=dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, cross_attention_dim=context_dim, heads=heads, dim_head=head_dim, dropout=dropout,
-                               processor=DenoiserAttnProcessor())
+        self.attn2 = Attention(dim, cross_attention_dim=context_dim, heads=heads, dim_head=head_dim, dropout=dropout)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn="geglu")
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias)
-        return x + feed_forward(self.ff, self.norm3(x))
+        return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -141,7 +131,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class UNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
+class UNetModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     r"""Text-conditioned U-Net denoiser.
 
     Args:
@@ -160,18 +150,14 @@ class UNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         guidance_embedding: embed a guidance weight next to the timestep (guidance-distilled students).
     """
 
-    _supports_gradient_checkpointing = True
     _no_split_modules = ["UNetLayer"]
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        in_channels: int = 4,
-        out_channels: int | None = None,
-        learned_sigma: bool = False,
-        block_out_channels: tuple[int, ...] = (128, 256, 384),
+        sample_size: int = 32, in_channels: int = 4, out_channels: int | None = None,  # latents in, prediction out
+        learned_sigma: bool = False, block_out_channels: tuple[int, ...] = (128, 256, 384),
         attention_levels: tuple[bool, ...] = (True, True, False),
         layers_per_block: int = 2,
         attention_head_dim: int = 64,
@@ -187,85 +173,70 @@ class UNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
                 f"attention_levels has {len(attention_levels)} entries but block_out_channels has "
                 f"{len(block_out_channels)}; give one flag per resolution level."
             )
-        out_channels = out_channels or (2 * in_channels if learned_sigma else in_channels)
-        if learned_sigma and out_channels != 2 * in_channels:
-            raise ValueError(f"learned_sigma needs out_channels = 2 x in_channels = {2 * in_channels}")
+        out_channels = resolve_out_channels(in_channels, out_channels, learned_sigma)
         self.gradient_checkpointing = False
         ch0 = block_out_channels[0]
         temb_ch = 4 * ch0
         self.time_embed = ConditionEmbedding(ch0, temb_ch, guidance_embedding)
 
-        def layer(cin, cout, attention):
-            return UNetLayer(cin, cout, temb_ch, attention, attention_head_dim, cross_attention_dim,
-                             transformer_layers_per_block, norm_num_groups, dropout)
-
         self.conv_in = nn.Conv2d(in_channels, ch0, 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels = [ch0]
-        ch = ch0
-        for level, (cout, attention) in enumerate(zip(block_out_channels, attention_levels)):
-            for _ in range(layers_per_block):
-                self.down.append(layer(ch, cout, attention))
-                ch = cout
-                skip_channels.append(ch)
-            if level < len(block_out_channels) - 1:
-                self.down.append(Downsample(ch))
-                skip_channels.append(ch)
-
-        self.mid = nn.ModuleList([layer(ch, ch, True), layer(ch, ch, False)])
-
-        self.up = nn.ModuleList()
-        for level in reversed(range(len(block_out_channels))):
-            cout, attention = block_out_channels[level], attention_levels[level]
-            for _ in range(layers_per_block + 1):
-                self.up.append(layer(ch + skip_channels.pop(), cout, attention))
-                ch = cout
-            if level > 0:
-                self.up.append(Upsample(ch))
-
+        ch = self._build_levels(temb_ch)  # self.down, self.mid, self.up
         self.norm_out = nn.GroupNorm(norm_num_groups, ch, eps=1e-5)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+
+    def _build_levels(self, temb_ch: int) -> int:
+        """The down path, the middle and the up path (``self.down``, ``self.mid``, ``self.up``); returns the
+        channels of the last up layer."""
+        c = self.config
+
+        def layer(cin, cout, attention):
+            return UNetLayer(cin, cout, temb_ch, attention, c.attention_head_dim, c.cross_attention_dim,
+                             c.transformer_layers_per_block, c.norm_num_groups, c.dropout)
+
+        self.down = nn.ModuleList()
+        ch = c.block_out_channels[0]
+        skip_channels = [ch]
+        for level, (cout, attention) in enumerate(zip(c.block_out_channels, c.attention_levels)):
+            for _ in range(c.layers_per_block):
+                self.down.append(layer(ch, cout, attention))
+                ch = cout
+                skip_channels.append(ch)
+            if level < len(c.block_out_channels) - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+        self.mid = nn.ModuleList([layer(ch, ch, True), layer(ch, ch, False)])
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(c.block_out_channels))):
+            cout, attention = c.block_out_channels[level], c.attention_levels[level]
+            for _ in range(c.layers_per_block + 1):
+                self.up.append(layer(ch + skip_channels.pop(), cout, attention))
+                ch = cout
+            if level > 0:
+                self.up.append(Upsample(ch))
+        return ch
 
     @property
     def sample_divisor(self) -> int:
         """Latent height and width must be multiples of this (one halving per level but the last)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def _run(self, module: nn.Module, *args) -> torch.Tensor:
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return self._gradient_checkpointing_func(module, *args)
-        return module(*args)
+    @property
+    def divisor_reason(self) -> str:
+        return f"the U-Net halves the resolution {len(self.config.block_out_channels) - 1} times"
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ) -> DenoiserOutput | tuple[torch.Tensor]:
-        """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W)."""
-        b = sample.shape[0]
-        check_denoiser_inputs(sample, encoder_hidden_states, self.sample_divisor,
-                              f"the U-Net halves the resolution {len(self.config.block_out_channels) - 1} times")
-        timestep = broadcast_timestep(timestep, b, sample.device)
-        temb = self.time_embed(timestep, guidance, sample.dtype)
-        encoder_hidden_states, encoder_attention_mask = drop_padding(encoder_hidden_states, encoder_attention_mask)
-        bias = mask_to_bias(encoder_attention_mask, sample.dtype)  # (B, 1, L'), L' <= L: all-padding tail dropped
-
+    def denoise(self, sample, temb, context, bias) -> torch.Tensor:
+        """sample (B, C, H, W), temb (B, T), text tokens (B, L, D_txt), bias (B, 1, L) -> (B, C_out, H, W)."""
         x = self.conv_in(sample)
         skips = [x]
         for module in self.down:
-            x = self._run(module, x, temb, encoder_hidden_states, bias)
+            x = self._run(module, x, temb, context, bias)
             skips.append(x)
         for module in self.mid:
-            x = self._run(module, x, temb, encoder_hidden_states, bias)
+            x = self._run(module, x, temb, context, bias)
         for module in self.up:
             if isinstance(module, UNetLayer):
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = self._run(module, x, temb, encoder_hidden_states, bias)
-        out = self.conv_out(F.silu(self.norm_out(x)))
-        return DenoiserOutput(sample=out) if return_dict else (out,)
+            x = self._run(module, x, temb, context, bias)
+        return self.conv_out(F.silu(self.norm_out(x)))

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_ddim import betas_for_alpha_bar, rescale_zero_terminal_snr
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
+
+from ..losses import PREDICTION_TYPES, x0_from_prediction
+from ..noise_schedules import BETA_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +73,20 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str = "trailing",
         clip_sample: bool = False,
     ):
-        if trained_betas is not None:
-            betas = torch.tensor(trained_betas, dtype=torch.float64)
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        elif beta_schedule == "squaredcos_cap_v2":
-            betas = betas_for_alpha_bar(num_train_timesteps).double()
-        else:
-            raise ValueError(f"Unknown beta_schedule {beta_schedule!r}")
-        if rescale_betas_zero_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+        if trained_betas is None and beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"Unknown beta_schedule {beta_schedule!r}; choose one of {BETA_SCHEDULES}.")
+        if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
         if rescale_betas_zero_snr and prediction_type == "epsilon":
             raise ValueError("An epsilon prediction cannot give x0 from pure noise (zero terminal SNR); "
                              "use v_prediction or sample.")
-        self.betas = betas.float()
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).float()
+        # the forward process is diffusers' own, so alpha-bar is exactly the table the teacher trained with
+        forward = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                                beta_schedule=beta_schedule, trained_betas=trained_betas,
+                                rescale_betas_zero_snr=rescale_betas_zero_snr)
+        self.betas, self.alphas_cumprod = forward.betas, forward.alphas_cumprod
         # alpha-bar at tau = -1 (clean), 0, ..., T - 1, indexed by tau + 1.
-        self._alpha_bar_ext = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, dim=0)])
+        self._alpha_bar_ext = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod.double()])
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = self.time_grid(num_distilled_steps)[:-1]
@@ -139,12 +135,7 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         """x0_hat (B, C, H, W) from the denoiser output at time ``timestep`` (scalar or (B,))."""
         alpha, sigma = (v.to(sample.device, sample.dtype) for v in self.alpha_sigma(timestep))
         alpha, sigma = alpha.reshape(-1, *[1] * (sample.ndim - 1)), sigma.reshape(-1, *[1] * (sample.ndim - 1))
-        kind = self.config.prediction_type
-        if kind == "v_prediction":
-            return alpha * sample - sigma * model_output
-        if kind == "sample":
-            return model_output
-        return (sample - sigma * model_output) / alpha
+        return x0_from_prediction(model_output, sample, alpha, sigma, self.config.prediction_type)
 
     def ddim_update(self, x0: torch.Tensor, sample: torch.Tensor, timestep, prev_timestep) -> torch.Tensor:
         """z' = alpha' x0 + (sigma' / sigma)(z - alpha x0): the deterministic DDIM move from tau to tau'."""

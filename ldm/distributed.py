@@ -1,0 +1,89 @@
+"""The accelerate side of a training run: the ``Accelerator`` set-up, mixed-precision dtypes, trackers' config and
+the checks made across processes (weights in sync, a finite loss everywhere)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def multi_process_without_accelerator() -> bool:
+    """True for ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs: accelerate then needs
+    ``cpu=True`` to form a gloo process group (otherwise every process would train alone)."""
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+
+
+def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
+                     report_to: str = "tensorboard", logging_dir: str = "logs", seed: int = 0, streaming: bool = False):
+    """An ``Accelerator`` with a seedable sampler (resumable data order), trackers under ``output_dir/logging_dir``,
+    quiet logging on non-main processes and the global seed set; ``output_dir`` exists and holds no leftovers of an
+    interrupted checkpoint save.
+
+    Every process reads its own batches (``dispatch_batches=False``): accelerate's dispatching would concatenate the
+    batches on the main process and cannot carry the captions (strings). For ``streaming`` data the processes' epochs
+    can end at different batches (a data set with at least one file per process is split by file), so gradient
+    accumulation then syncs every ``gradient_accumulation_steps`` batches only, not also at an epoch's end.
+    """
+    import diffusers
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import (DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration,
+                                  set_seed)
+
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(
+        cpu=multi_process_without_accelerator(),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=gradient_accumulation_steps,
+                                                                sync_with_dataloader=not streaming),
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed, dispatch_batches=False),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        for name in ("train_t2i", "distill", "ldm", "datasets"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    set_seed(seed)
+    if accelerator.is_main_process:
+        from .checkpointing import remove_incomplete
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(output_dir)
+    accelerator.wait_for_everyone()
+    return accelerator
+
+
+def tracker_config(args) -> dict:
+    """A script's arguments for the trackers and ``training_args.json``: scalars as they are, anything else as a
+    string, the Hub token left out."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in vars(args).items() if k != "hub_token"}
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    """The dtype for frozen models under the accelerator's mixed precision."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def check_in_sync(accelerator, model) -> None:
+    """Fail loudly if the processes hold different weights (a broken data-parallel set-up)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    gathered = accelerator.gather(checksum[None].to(accelerator.device))
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError(f"The processes ended with different weights (checksums {gathered.tolist()}).")
+    logger.info("Weights identical on all %d processes (checksum %.10g)", accelerator.num_processes,
+                float(gathered[0]))
+
+
+def all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (all processes get the same answer)."""
+    return bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all())

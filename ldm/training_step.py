@@ -1,0 +1,100 @@
+"""One training step of a latent text-to-image diffusion model, all of it on one screen.
+
+    batch --BatchEncoder--> x0 (B, C, h, w) in the denoiser's latent space, text tokens (B, L, D), mask (B, L)
+                            (frozen VAE + text encoder on the fly, or a latent cache; ``ldm.latents``)
+    eps ~ N(0, I) (+ noise offset), t ~ U{0, ..., T - 1}, captions dropped with probability p (``ldm.guidance``)
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps                                     (``ldm.noise_schedules``)
+    loss = w(t) |denoiser(x_t, t, text) - target(eps | x0 | v)|^2 (+ lambda L_vlb)   (``ldm.losses``)
+
+Every random draw comes from the step's ``generator``, in a fixed order, so a resumed run repeats exactly the draws
+an uninterrupted one makes. ``training/train_t2i.py`` and ``bench/bench_training.py`` call :func:`diffusion_step`;
+``training/distill.py`` shares :class:`BatchEncoder` and :func:`draw_noise`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .guidance import drop_captions
+from .latents import encode_posterior, sample_posterior, to_denoiser_space
+from .losses import LossOutput, diffusion_loss
+
+
+@dataclass
+class Objective:
+    """What a step trains: the forward process (a ``DDPMScheduler``), the target and its weighting."""
+
+    scheduler: object
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = None  # min-SNR-gamma weighting; None = plain MSE
+    learned_variance: bool = False  # hybrid L_simple + vlb_weight * L_vlb (improved DDPM)
+    vlb_weight: float = 1e-3
+    noise_offset: float = 0.0
+    caption_dropout: float = 0.1  # probability of the empty caption (classifier-free guidance)
+
+
+class BatchEncoder:
+    """A data batch -> (x0 (B, C, h, w) in the denoiser's latent space, text tokens (B, L, D), mask (B, L)).
+
+    Takes raw batches (``pixel_values``, ``captions``: runs the frozen VAE and text encoder) and cached ones
+    (``latent_params``, ``prompt_embeds``, ``prompt_mask``). The random draws (flip, posterior sample) come from the
+    step generator in the same order either way, so caching does not change what a run trains on. Also holds the
+    empty caption's tokens (``empty_embeds`` (1, L, D), ``empty_mask`` (1, L)) for caption dropout.
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, random_flip: bool, latents_mode: str = "posterior"):
+        from .data.latent_cache import encode_text
+
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.random_flip, self.latents_mode = random_flip, latents_mode
+        with torch.no_grad():
+            self.empty_embeds, self.empty_mask = encode_text(tokenizer, text_encoder, [""])
+
+    @torch.no_grad()
+    def __call__(self, batch: dict, generator: torch.Generator):
+        from .data.latent_cache import encode_text
+
+        cached = "latent_params" in batch
+        n = len(batch["prompt_embeds"] if cached else batch["pixel_values"])
+        flip = torch.rand(n, generator=generator) < 0.5 if self.random_flip else None
+        if cached:
+            params = batch["latent_params"]
+            if flip is not None:
+                params = torch.where(flip[:, None, None, None].to(params.device), batch["latent_params_flip"], params)
+            embeds, mask = batch["prompt_embeds"].to(self.text_encoder.dtype), batch["prompt_mask"].long()
+        else:
+            pixels = batch["pixel_values"]
+            if flip is not None:
+                pixels = torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
+            params = encode_posterior(self.vae, pixels)
+            embeds, mask = encode_text(self.tokenizer, self.text_encoder, batch["captions"])
+        # contiguous: the VAE returns channels-last latents, cached ones are not; the same memory format keeps the
+        # denoiser's kernels, and so the weights, bitwise identical with and without the cache
+        z = sample_posterior(params, self.latents_mode, generator)
+        latents = to_denoiser_space(z, self.vae).contiguous()
+        return latents, embeds, mask.to(latents.device)
+
+
+def draw_noise(shape: torch.Size, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
+    """eps ~ N(0, I) of ``shape`` (B, C, h, w), plus ``noise_offset`` x a per-(sample, channel) constant if > 0."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise += noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+    return noise
+
+
+def diffusion_step(denoiser, encoder: BatchEncoder, objective: Objective, batch: dict,
+                   generator: torch.Generator) -> LossOutput:
+    """The loss of one micro-batch (backward, clipping and the optimizer are ``ldm.train_loop``'s)."""
+    latents, embeds, mask = encoder(batch, generator)  # x0 (B, C, h, w), (B, L, D), (B, L)
+    n, device, scheduler = latents.shape[0], latents.device, objective.scheduler
+    noise = draw_noise(latents.shape, objective.noise_offset, generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+    embeds, mask = drop_captions(embeds, mask, encoder.empty_embeds, encoder.empty_mask, objective.caption_dropout,
+                                 generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t
+    output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample
+    return diffusion_loss(scheduler, output, latents, noise, noisy, timesteps, objective.prediction_type,
+                          objective.snr_gamma, objective.learned_variance, objective.vlb_weight)
