@@ -57,24 +57,46 @@ class BatchEncoder:
         from .data.latent_cache import encode_text
 
         cached = "latent_params" in batch
-        n = len(batch["prompt_embeds"] if cached else batch["pixel_values"])
+        n = len(batch["latent_params"] if cached else batch["pixel_values"])
         flip = torch.rand(n, generator=generator) < 0.5 if self.random_flip else None
         if cached:
             params = batch["latent_params"]
             if flip is not None:
                 params = torch.where(flip[:, None, None, None].to(params.device), batch["latent_params_flip"], params)
-            embeds, mask = batch["prompt_embeds"].to(self.text_encoder.dtype), batch["prompt_mask"].long()
         else:
             pixels = batch["pixel_values"]
             if flip is not None:
                 pixels = torch.where(flip[:, None, None, None].to(pixels.device), pixels.flip(-1), pixels)
             params = encode_posterior(self.vae, pixels)
-            embeds, mask = encode_text(self.tokenizer, self.text_encoder, batch["captions"])
+        embeds, mask = self.encode_captions(batch, generator)
         # contiguous: the VAE returns channels-last latents, cached ones are not; the same memory format keeps the
         # denoiser's kernels, and so the weights, bitwise identical with and without the cache
         z = sample_posterior(params, self.latents_mode, generator)
         latents = to_denoiser_space(z, self.vae).contiguous()
         return latents, embeds, mask.to(latents.device)
+
+
+    def encode_captions(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text tokens (B, L, D) and mask (B, L) of each row's caption; rows with a list of captions get one drawn
+        per step (one ``randint`` per row from ``generator``, the same draw for raw and cached batches)."""
+        from .data.latent_cache import encode_ids, encode_text
+
+        if "caption_ids" in batch:  # cached list captions: (B, K, L) token ids, unused rows -1
+            ids = batch["caption_ids"]
+            counts = (ids[:, :, 0] >= 0).sum(1)
+            pick = torch.zeros_like(counts)
+            if counts.max() > 1:  # as for raw batches: a draw only when some row has a choice
+                pick = torch.randint(0, 1 << 30, (len(ids),), generator=generator) % counts
+            return encode_ids(self.tokenizer, self.text_encoder, ids[torch.arange(len(ids)), pick])
+        if "prompt_embeds" in batch:
+            return batch["prompt_embeds"].to(self.text_encoder.dtype), batch["prompt_mask"].long()
+        lists = batch.get("caption_lists")
+        captions = batch["captions"]
+        if lists is not None and max(map(len, lists)) > 1:
+            pick = (torch.randint(0, 1 << 30, (len(lists),), generator=generator) %
+                    torch.tensor([len(o) for o in lists])).tolist()
+            captions = [options[k] for options, k in zip(lists, pick)]
+        return encode_text(self.tokenizer, self.text_encoder, captions)
 
 
 def draw_noise(shape: torch.Size, noise_offset: float, generator: torch.Generator) -> torch.Tensor:

@@ -111,3 +111,44 @@ def test_unknown_column_names_the_columns(folder, tmp_path_factory):
 def test_no_data_source_is_a_clear_error():
     with pytest.raises(ValueError, match="--dataset_name .* or --train_data_dir"):
         load_raw_dataset(DataArgs())
+
+
+def test_list_captions_draw_one_caption_per_step_the_same_with_and_without_the_cache(tmp_path):
+    """A row with a list of captions trains on one of them per step, drawn from the step generator; the latent
+    cache (which then stores token ids, not embeddings) gives exactly the batches encoding on the fly gives."""
+    from ldm.data.latent_cache import cache_latents_and_text
+    from ldm.tiny import tiny_text_encoder, tiny_vae
+    from ldm.tokenizer import load_tokenizer
+    from ldm.training_step import BatchEncoder
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lists = [["a red fox", "fox", "a fox emoji"], ["a cat"], ["pizza", "a slice of pizza"], ["sun", "the sun"]]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, captions in enumerate(lists):
+            (folder / f"{i}.png").write_bytes(png_bytes(32, 32, seed=i))
+            f.write(json.dumps({"file_name": f"{i}.png", "text": captions}) + "\n")
+    ds, collator, _ = prepare_training_dataset(DataArgs(train_data_dir=str(folder), resolution=32,
+                                                        cache_dir=str(tmp_path / "hf")))
+    tok = load_tokenizer()
+    vae, text = tiny_vae(), tiny_text_encoder(load_tokenizer())
+    encoder = BatchEncoder(vae, text, tok, random_flip=True)
+    rows = [ds[i] for i in range(len(ds))]
+    raw = collator(rows)
+    cached_ds = cache_latents_and_text(ds, collator, vae, text, tok, str(tmp_path / "cache"), True)
+    cached = {k: torch.stack([cached_ds[i][k] for i in range(len(ds))]) for k in cached_ds.column_names}
+    assert "caption_ids" in cached and "prompt_embeds" not in cached
+    seen = set()
+    for step in range(12):
+        a = encoder(raw, torch.Generator().manual_seed(step))
+        b = encoder(cached, torch.Generator().manual_seed(step))
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        seen.add(tuple(a[1][:, 1].sum(-1).tolist()))  # the first real token differs between the captions
+    assert len(seen) > 1  # different captions on different steps
+    single = {"pixel_values": raw["pixel_values"], "captions": ["a red fox"] * 4,
+              "caption_lists": [["a red fox"]] * 4}
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    encoder(single, g1)  # single captions take no caption draw: the stream goes on as without lists
+    encoder({k: v for k, v in single.items() if k != "caption_lists"}, g2)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))

@@ -116,6 +116,12 @@ def pick_caption(value) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+def caption_options(value) -> list[str]:
+    """Every usable caption of a row: the string itself, or the non-empty strings of a list."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
 def decode_image(value) -> Image.Image:
     """An undecoded ``datasets.Image`` value ({"bytes", "path"}), a PIL image or a path -> RGB PIL image.
 
@@ -205,7 +211,8 @@ class StreamingRowFilter:
 
 
 class ImageCaptionCollator:
-    """List of rows -> {"pixel_values": (B, 3, R, R), "captions": [B str], "skipped_*": (B,) counts}."""
+    """List of rows -> {"pixel_values": (B, 3, R, R), "captions": [B str] (the first of a list), "caption_lists":
+    [B lists of str] (all of them), "skipped_*": (B,) counts}."""
 
     def __init__(self, image_column: str, caption_column: str, resolution: int):
         self.image_column, self.caption_column, self.resolution = image_column, caption_column, resolution
@@ -215,6 +222,7 @@ class ImageCaptionCollator:
             "pixel_values": torch.stack([image_to_tensor(decode_image(r[self.image_column]), self.resolution)
                                          for r in rows]),
             "captions": [pick_caption(r[self.caption_column]) for r in rows],
+            "caption_lists": [caption_options(r[self.caption_column]) for r in rows],
         }
         for reason in SKIP_REASONS:
             batch[f"skipped_{reason}"] = torch.tensor([int(r.get(f"skipped_{reason}", 0)) for r in rows])
