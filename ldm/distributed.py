@@ -74,6 +74,14 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
+def vae_dtype_of(accelerator, choice: str = "fp32") -> torch.dtype:
+    """The frozen VAE's dtype: float32 (``"fp32"``, the default: encoding is cheap and half precision blurs fine
+    detail) or the mixed-precision dtype (``"weight"``)."""
+    if choice not in ("fp32", "weight"):
+        raise ValueError(f"--vae_dtype must be 'fp32' or 'weight' (the mixed-precision dtype), got {choice!r}")
+    return torch.float32 if choice == "fp32" else weight_dtype_of(accelerator)
+
+
 def check_in_sync(accelerator, model) -> None:
     """Fail loudly if the processes hold different weights (a broken data-parallel set-up)."""
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()

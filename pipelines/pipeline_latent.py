@@ -180,9 +180,10 @@ class LatentPipeline(DiffusionPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Encode prompts to (B * n, L, D) embeddings and (B * n, L) masks, plus the negative branch when guiding.
 
-        ``prompt_embeds`` given without a mask attend to every token.
+        ``prompt_embeds`` given without a mask attend to every token. The embeddings come back in the denoiser's dtype
+        (any mix of component dtypes works: a bf16 denoiser with a float32 text encoder, ...).
         """
-        dtype = self.text_encoder.dtype
+        dtype = self.denoiser.dtype
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             ids, prompt_attention_mask = self._tokenize(prompts, device)

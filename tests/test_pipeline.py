@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from ldm import DiTModel, UNetModel
-from ldm.tiny import tiny_dit, tiny_scheduler, tiny_unet
+from ldm.tiny import tiny_dit, tiny_pipeline, tiny_scheduler, tiny_unet
 from pipelines import LatentPipeline
 
 from conftest import PROMPT, SIZE, assert_different, gen, run_python, sample, with_components
@@ -323,3 +323,20 @@ def test_ddim_cfg_equals_hand_written_diffusers_loop(pipe):
 
     assert len(scheduler.timesteps) == steps
     torch.testing.assert_close(ours, latents, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+@pytest.mark.parametrize("denoiser_dtype, text_dtype, vae_dtype", [
+    (torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32, torch.float32),
+])
+def test_any_mix_of_component_dtypes_samples_close_to_float32(kind, denoiser_dtype, text_dtype, vae_dtype):
+    """A half-precision denoiser with a float32 text encoder (and every other mix) samples, close to float32."""
+    reference = sample(tiny_pipeline(kind), num_inference_steps=4)
+    pipe = tiny_pipeline(kind)
+    pipe.denoiser.to(denoiser_dtype)
+    pipe.text_encoder.to(text_dtype)
+    pipe.vae.to(vae_dtype)
+    images = sample(pipe, num_inference_steps=4)
+    assert np.isfinite(images).all()
+    assert np.abs(images - reference).max() < 0.1

@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=0.999)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    g.add_argument("--vae_dtype", choices=["fp32", "weight"], default="fp32",
+                   help="the frozen VAE in float32 (default) or in the mixed-precision dtype")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
@@ -270,7 +272,7 @@ def prepare_stage(args, accelerator, stage: Stage, student, vae, text_encoder, t
 def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, student, vae, text_encoder, tokenizer,
                 teacher_sched, student_sched):
     """Train ``student`` for one stage against the frozen ``teacher``; returns the (unwrapped) student."""
-    from ldm.distributed import check_in_sync, weight_dtype_of
+    from ldm.distributed import check_in_sync, vae_dtype_of, weight_dtype_of
     from ldm.latents import vae_scale_factor
     from ldm.train_loop import LoopConfig, run_training
     from ldm.training_step import BatchEncoder
@@ -278,7 +280,7 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     accelerator.free_memory()
     accelerator._custom_objects.clear()  # the previous stage's EMA must not be saved with this one
     weight_dtype = weight_dtype_of(accelerator)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype_of(accelerator, args.vae_dtype))
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     if args.gradient_checkpointing:

@@ -1,7 +1,12 @@
 #!/usr/bin/env python
-"""Evaluate a LatentPipeline on the shapes prompts: colour/shape/background accuracy, optional FID and CLIP score.
+"""Evaluate a LatentPipeline: the shapes suite (colour/shape/background accuracy) or the emoji suite (CLIP retrieval).
 
     python training/evaluate.py --model models/shapes-teacher --split heldout --num_prompts 96 --steps 50
+    python training/evaluate.py --suite emoji --model models/emoji --clip models/emoji-clip --data_dir data/emoji
+
+The emoji suite (``ldm.eval.emoji_suite``) scores every prompt of the training, held-out and natural sets with the
+project's CLIP: retrieval top-1/top-5 of the prompted concept, CLIP score against the real render's, an in-domain
+Fréchet distance in the CLIP's image space, and a breakdown by emoji group.
 
 Prompt-following is judged from the generated pixels by the project's deterministic analyser
 (``ldm.eval.shapes_analyzer``). FID and CLIP score use torchmetrics and need pretrained Inception/CLIP weights; offline
@@ -21,6 +26,10 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    p.add_argument("--suite", choices=["shapes", "emoji"], default="shapes")
+    p.add_argument("--clip", default="models/emoji-clip", help="emoji suite: the project CLIP (CLIPModel folder)")
+    p.add_argument("--data_dir", default="data/emoji", help="emoji suite: the imagefolder of ldm.data.emoji")
+    p.add_argument("--sets", nargs="+", default=["train", "heldout", "natural"], help="emoji suite: prompt sets")
     p.add_argument("--split", choices=["heldout", "validation", "train"], default="heldout")
     p.add_argument("--num_prompts", type=int, default=96)
     p.add_argument("--steps", type=int, default=None, help="default: 50, or the distilled step count")
@@ -52,9 +61,43 @@ def optional_metric(name: str, compute) -> float | None:
         return None
 
 
+def save_grid(images: list, path: Path, cols: int = 8) -> None:
+    from diffusers.utils import make_image_grid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = -(-len(images) // cols)
+    blank = images[0].copy()
+    blank.paste((0, 0, 0), (0, 0, blank.width, blank.height))
+    make_image_grid(images + [blank] * (rows * cols - len(images)), rows, cols).save(path)
+
+
+def evaluate_emoji_suite(args, pipe) -> dict:
+    """The emoji suite: one report per set, a grid per set next to ``--output``."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from ldm.eval.emoji_suite import evaluate_emoji
+
+    clip = CLIPModel.from_pretrained(args.clip, use_safetensors=True).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(Path(args.clip) / "tokenizer" if (Path(args.clip) / "tokenizer").is_dir()
+                                              else args.clip)
+    result = evaluate_emoji(pipe, clip, tokenizer, args.data_dir, args.sets, args.num_prompts, args.steps,
+                            args.guidance_scale, args.seed, args.batch_size)
+    images = result.pop("images")
+    report = {"model": args.model, "suite": "emoji", "clip": args.clip, "steps": pipe.scheduler.num_inference_steps,
+              "guidance_scale": pipe.guidance_scale, **result}
+    if args.output:
+        out = Path(args.output)
+        for name, set_images in images.items():
+            save_grid(set_images, out.with_name(f"{out.stem}-{name}.png"))
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    summary = {k: {m: v[m] for m in ("n", "top1", "top5", "clip_score_ratio", "frechet_clip_distance")}
+               for k, v in result.items()}
+    print(json.dumps(summary, indent=2))
+    return report
+
+
 def main(args: argparse.Namespace) -> dict:
     import diffusers
-    from diffusers.utils import make_image_grid
 
     from ldm.cli import SCHEDULERS
     from ldm.eval.prompt_following import evaluate_prompt_following
@@ -64,6 +107,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if args.suite == "emoji":
+        return evaluate_emoji_suite(args, pipe)
     prompts = prompts_for(args.split, args.num_prompts)
     result = evaluate_prompt_following(pipe, prompts, args.steps, args.guidance_scale, args.seed, args.batch_size)
     report = {"model": args.model, "split": args.split, "steps": pipe.scheduler.num_inference_steps,
@@ -98,14 +143,8 @@ def main(args: argparse.Namespace) -> dict:
 
         report["clip_score"] = optional_metric("CLIP score", clip)
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cols = 8
-        rows = -(-len(result.images) // cols)
-        blank = result.images[0].copy()
-        blank.paste((0, 0, 0), (0, 0, blank.width, blank.height))
-        make_image_grid(result.images + [blank] * (rows * cols - len(result.images)), rows, cols).save(out)
-        out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        save_grid(result.images, Path(args.output))
+        Path(args.output).with_suffix(".json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return report
 

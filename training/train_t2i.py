@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate config's")
+    g.add_argument("--vae_dtype", choices=["fp32", "weight"], default="fp32",
+                   help="the frozen VAE in float32 (default) or in the mixed-precision dtype")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--lora_rank", type=int, default=None,
@@ -177,7 +179,7 @@ def build_models(args, accelerator):
     """The frozen VAE, text encoder and tokenizer on the device, the denoiser to train (LoRA adapters, gradient
     checkpointing) and the training objective."""
     from ldm.components import load_frozen_components
-    from ldm.distributed import weight_dtype_of
+    from ldm.distributed import vae_dtype_of, weight_dtype_of
     from ldm.noise_schedules import training_scheduler
     from ldm.training_step import Objective
 
@@ -189,7 +191,7 @@ def build_models(args, accelerator):
     objective = Objective(scheduler, args.prediction_type, args.snr_gamma, args.learned_variance, args.vlb_weight,
                           args.noise_offset, args.caption_dropout)
     weight_dtype = weight_dtype_of(accelerator)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype_of(accelerator, args.vae_dtype))
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
