@@ -9,8 +9,21 @@ from .schedulers import ProgressiveDistillationScheduler
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name: str):
+    """``from ldm import LatentPipeline`` (the pipeline lives in the top-level ``pipelines`` package, which imports
+    this one, so it is looked up on first use)."""
+    if name == "LatentPipeline":
+        from pipelines import LatentPipeline
+
+        return LatentPipeline
+    raise AttributeError(f"module 'ldm' has no attribute {name!r}")
+
+
 __all__ = [
     "DIT_SIZES",
+    "LatentPipeline",
     "DenoiserOutput",
     "DiTModel",
     "ProgressiveDistillationScheduler",

@@ -56,22 +56,42 @@ class LatentPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        denoiser: torch.nn.Module,
-        scheduler: SchedulerMixin,
+        vae: AutoencoderKL | None,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
+        denoiser: torch.nn.Module | None,
+        scheduler: SchedulerMixin | None,
     ):
+        """Any component may be ``None`` (as in diffusers): a pipeline of only the text encoder and tokenizer
+        encodes prompts, one without them samples from precomputed ``prompt_embeds``."""
         super().__init__()
         self._check_components(vae, text_encoder, tokenizer, denoiser)
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, denoiser=denoiser, scheduler=scheduler
         )
-        self.vae_scale_factor = vae_scale_factor(self.vae)
+        self.vae_scale_factor = vae_scale_factor(vae) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @staticmethod
     def _check_components(vae, text_encoder, tokenizer, denoiser) -> None:
+        """The pairs of components that must agree (each check runs when both are present)."""
+        if text_encoder is not None and denoiser is not None:
+            LatentPipeline._check_text_width(text_encoder, denoiser)
+        if vae is not None and denoiser is not None and vae.config.latent_channels != denoiser.config.in_channels:
+            raise ValueError(
+                f"The VAE makes {vae.config.latent_channels}-channel latents but the denoiser takes "
+                f"in_channels={denoiser.config.in_channels}; they must match."
+            )
+        if tokenizer is not None and text_encoder is not None and \
+                tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+            raise ValueError(
+                f"tokenizer.model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
+                f"{text_encoder.config.max_position_embeddings} positions; ship a tokenizer_config.json with "
+                f"model_max_length={text_encoder.config.max_position_embeddings}."
+            )
+
+    @staticmethod
+    def _check_text_width(text_encoder, denoiser) -> None:
         text_width = text_encoder.config.hidden_size
         cross_width = denoiser.config.cross_attention_dim
         if text_width != cross_width:
@@ -80,28 +100,19 @@ class LatentPipeline(DiffusionPipeline):
                 f"cross_attention_dim={cross_width}. Use a text encoder of width {cross_width}, or build/train the "
                 f"denoiser with cross_attention_dim={text_width}."
             )
-        if vae.config.latent_channels != denoiser.config.in_channels:
-            raise ValueError(
-                f"The VAE makes {vae.config.latent_channels}-channel latents but the denoiser takes "
-                f"in_channels={denoiser.config.in_channels}; they must match."
-            )
-        if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
-            raise ValueError(
-                f"tokenizer.model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
-                f"{text_encoder.config.max_position_embeddings} positions; ship a tokenizer_config.json with "
-                f"model_max_length={text_encoder.config.max_position_embeddings}."
-            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LatentPipeline":
-        """Load from a local folder or a Hub id (``save_pretrained`` layout). Safetensors weights only.
+        """Load from a local folder or a Hub id (``save_pretrained`` layout).
 
-        Accepts the keyword arguments of ``DiffusionPipeline.from_pretrained`` (``dtype``, ``revision``,
-        ``local_files_only``, component overrides such as ``scheduler=...``). A missing local folder, or a missing or
-        damaged weights file, raises ``OSError`` naming it.
+        Accepts the keyword arguments of ``DiffusionPipeline.from_pretrained`` (``dtype`` (one dtype or a dict per
+        component with a ``"default"``), ``variant``, ``revision``, ``local_files_only``, component overrides such as
+        ``scheduler=...``). Weights are read from ``*.safetensors``; a component saved only as a pickle (``.bin``,
+        ``save_pretrained(..., safe_serialization=False)``) falls back to torch's weights-only unpickler with a
+        warning, and a pickle that holds anything but tensors (one that would run code) is refused with an
+        ``OSError`` naming the file. A missing local folder, or a missing or damaged weights file, raises ``OSError``
+        naming it.
         """
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("ldm only loads safetensors weights (pickle checkpoints can run arbitrary code).")
         path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
         if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
             problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
@@ -109,27 +120,58 @@ class LatentPipeline(DiffusionPipeline):
                 f"The pipeline folder {pretrained_model_name_or_path} {problem}. Pass a folder written by "
                 f"LatentPipeline.save_pretrained or a Hub id such as 'user/model'."
             )
-        kwargs["use_safetensors"] = True
+        pickles = _pickle_only_weights(path)
+        if pickles:
+            logger.warning("%s has no safetensors weights for %s; loading the pickled .bin files with torch's "
+                           "weights-only unpickler (tensors only, no code). Re-save with safe_serialization=True.",
+                           path, ", ".join(sorted(pickles)))
+        kwargs.setdefault("use_safetensors", None if pickles else True)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError:
-            raise
-        except Exception as err:  # safetensors' header/size errors don't say which file; find it
-            bad = _find_unreadable_weights(pretrained_model_name_or_path)
+        except Exception as err:
+            bad = _find_unreadable_weights(path)
             if bad is None:
                 raise
-            raise OSError(
-                f"Cannot read the weights file {bad} ({err}). It is truncated or corrupt: re-download it or "
-                f"re-save the pipeline."
-            ) from err
+            raise OSError(f"Cannot load the weights file {bad[0]}: {bad[1]}") from err
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           weight_name: str = "pytorch_lora_weights.safetensors", **kwargs) -> None:
         """Load LoRA adapters of the denoiser (as saved by ``train_t2i.py --lora_rank`` or
-        ``denoiser.save_lora_adapter``) from a folder, Hub id or state dict; safetensors only."""
+        ``denoiser.save_lora_adapter``) from a folder, Hub id or state dict; safetensors only. Several adapters can
+        be loaded under different ``adapter_name``s and mixed with :meth:`set_adapters`."""
         kwargs.setdefault("use_safetensors", True)
         self.denoiser.load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=None,
                                         adapter_name=adapter_name, weight_name=weight_name, **kwargs)
+
+    # the rest of diffusers' pipeline LoRA API, on the denoiser (peft); call-time strength:
+    # pipe(..., cross_attention_kwargs={"scale": 0.5})
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
+        """Activate these adapters with these weights (one weight for all, or one each)."""
+        self.denoiser.set_adapters(adapter_names, adapter_weights)
+
+    def get_active_adapters(self) -> list[str]:
+        return self.denoiser.active_adapters()
+
+    def disable_lora(self) -> None:
+        self.denoiser.disable_lora()
+
+    def enable_lora(self) -> None:
+        self.denoiser.enable_lora()
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        self.denoiser.delete_adapters(adapter_names)
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: list[str] | None = None):
+        """Merge the active adapters (times ``lora_scale``) into the denoiser's weights: no LoRA cost per step."""
+        self.denoiser.fuse_lora(lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
+    def unfuse_lora(self) -> None:
+        """Take fused adapters back out of the weights (exactly, up to float rounding)."""
+        self.denoiser.unfuse_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA adapter: the denoiser is its base model again."""
+        self.denoiser.unload_lora()
 
     # ------------------------------------------------------------------ properties
     # per-call state, read as in diffusers by step-end callbacks (pipe.guidance_scale, pipe.num_timesteps, ...)
@@ -137,6 +179,7 @@ class LatentPipeline(DiffusionPipeline):
     guidance_rescale = property(lambda self: self._guidance_rescale)
     num_timesteps = property(lambda self: self._num_timesteps)
     interrupt = property(lambda self: self._interrupt)
+    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
 
     @property
     def guidance_distilled(self) -> bool:
@@ -169,7 +212,7 @@ class LatentPipeline(DiffusionPipeline):
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
-        device: torch.device,
+        device: torch.device | None = None,
         num_images_per_prompt: int = 1,
         do_classifier_free_guidance: bool = True,
         negative_prompt: str | list[str] | None = None,
@@ -180,36 +223,44 @@ class LatentPipeline(DiffusionPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Encode prompts to (B * n, L, D) embeddings and (B * n, L) masks, plus the negative branch when guiding.
 
-        ``prompt_embeds`` given without a mask attend to every token. The embeddings come back in the denoiser's dtype
-        (any mix of component dtypes works: a bf16 denoiser with a float32 text encoder, ...).
+        ``prompt_embeds`` given without a mask attend to every token; given embeddings never touch the text encoder
+        (a pipeline without one samples from them). The embeddings come back in the denoiser's dtype, so any mix of
+        component dtypes works (a bf16 denoiser with a float32 text encoder, ...).
         """
-        dtype = self.denoiser.dtype
+        device = device or self._execution_device
         if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            ids, prompt_attention_mask = self._tokenize(prompts, device)
-            prompt_embeds = self.text_encoder(ids)[0]
+            prompt_embeds, prompt_attention_mask = self._encode_texts(
+                [prompt] if isinstance(prompt, str) else list(prompt), device)
         elif prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=device)
-        batch = prompt_embeds.shape[0]
-
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             negative_prompt = negative_prompt or ""
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            ids, negative_prompt_attention_mask = self._tokenize(negatives, device)
-            negative_prompt_embeds = self.text_encoder(ids)[0]
+            negatives = [negative_prompt] * len(prompt_embeds) if isinstance(negative_prompt, str) else \
+                list(negative_prompt)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device)
         elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
-            negative_prompt_attention_mask = torch.ones(
-                negative_prompt_embeds.shape[:2], dtype=torch.long, device=device
-            )
+            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long,
+                                                        device=device)
+        prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask = (
+            self._per_image(x, num_images_per_prompt, device) for x in
+            (prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask))
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
-        def repeat(x):
-            return None if x is None else x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+    def _encode_texts(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("This pipeline has no text encoder/tokenizer: pass `prompt_embeds` (and "
+                             "`negative_prompt_embeds` when guiding) instead of prompts.")
+        ids, mask = self._tokenize(prompts, device)
+        return self.text_encoder(ids)[0], mask
 
-        prompt_embeds = prompt_embeds.to(dtype=dtype, device=device)
-        if negative_prompt_embeds is not None:
-            negative_prompt_embeds = negative_prompt_embeds.to(dtype=dtype, device=device)
-        return (repeat(prompt_embeds), repeat(prompt_attention_mask), repeat(negative_prompt_embeds),
-                repeat(negative_prompt_attention_mask))
+    def _per_image(self, x: torch.Tensor | None, num_images_per_prompt: int, device) -> torch.Tensor | None:
+        """Repeat each row ``num_images_per_prompt`` times; embeddings (3 dims) in the denoiser's dtype."""
+        if x is None:
+            return None
+        if x.ndim == 3:
+            dtype = self.denoiser.dtype if self.denoiser is not None else x.dtype
+            x = x.to(dtype=dtype)
+        return x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(
@@ -351,10 +402,11 @@ class LatentPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None, negative_prompt_attention_mask: torch.Tensor | None = None,
         output_type: str = "pil", return_dict: bool = True, guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> ImagePipelineOutput | tuple:
-        r"""Generate images from text.
+        r"""Generate images from text; returns ``ImagePipelineOutput`` (PIL list, array or tensor) or a 1-tuple.
 
         Args:
             prompt: one prompt or a list; ``""`` samples unconditionally.
@@ -369,17 +421,15 @@ class LatentPipeline(DiffusionPipeline):
             prompt_embeds, negative_prompt_embeds: precomputed (B, L, D) text embeddings, optional (B, L) masks.
             output_type: "pil", "np" (B, H, W, 3 floats in [0, 1]), "pt" (B, 3, H, W in [0, 1]) or "latent".
             return_dict: an ``ImagePipelineOutput`` (else a tuple). guidance_rescale: phi of Lin et al. 2024 (0 = off).
+            cross_attention_kwargs: ``{"scale": s}`` scales LoRA for this call; the rest goes to the processors.
             callback_on_step_end: ``fn(pipe, step, timestep, callback_kwargs) -> dict`` after each step; returned
                 tensors replace the pipeline's. ``callback_on_step_end_tensor_inputs``: the tensors it gets
                 (default ``["latents"]``; also ``prompt_embeds``, ``negative_prompt_embeds``).
-
-        Returns ``ImagePipelineOutput`` with ``images`` (PIL list, numpy array or tensor), or a 1-tuple.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         height, width, num_inference_steps, guidance_scale = self._defaults(height, width, num_inference_steps,
                                                                             guidance_scale)
+        callback_on_step_end_tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None) or \
+            callback_on_step_end_tensor_inputs or ["latents"]
         self.check_inputs(
             prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
             timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
@@ -393,6 +443,7 @@ class LatentPipeline(DiffusionPipeline):
         )
         timesteps = self._set_timesteps(num_inference_steps, timesteps, device)
         latents = self.prepare_latents(len(text[0]), height, width, self.denoiser.dtype, device, generator, latents)
+        self._cross_attention_kwargs = cross_attention_kwargs
         latents = self._denoise(latents, timesteps, text, self._scheduler_step_kwargs(generator, eta),
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
         if output_type == "latent":
@@ -457,7 +508,8 @@ class LatentPipeline(DiffusionPipeline):
         model_input = self.scheduler.scale_model_input(model_input, t)
         t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
         output = self.denoiser(model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,
-                               guidance=guidance, return_dict=False)[0]
+                               guidance=guidance, cross_attention_kwargs=self._cross_attention_kwargs,
+                               return_dict=False)[0]
         pred, variance = output[:, :latent_channels], output[:, latent_channels:]
         if self.do_classifier_free_guidance:
             pred_uncond, pred_cond = pred.chunk(2)
@@ -475,20 +527,38 @@ class LatentPipeline(DiffusionPipeline):
         return torch.cat([pred, variance], dim=1)
 
 
-def _find_unreadable_weights(path) -> str | None:
-    """In a local pipeline folder, the first ``*.safetensors`` file whose header or size is broken."""
+def _weight_files(path) -> list[str]:
+    if not os.path.isdir(str(path)):
+        return []
+    return [os.path.join(root, name) for root, _, files in sorted(os.walk(str(path))) for name in sorted(files)
+            if name.endswith((".safetensors", ".bin"))]
+
+
+def _pickle_only_weights(path) -> set[str]:
+    """The component folders of a local pipeline that hold ``.bin`` weights and no ``.safetensors``."""
+    files = _weight_files(path)
+    with_bin = {os.path.basename(os.path.dirname(f)) for f in files if f.endswith(".bin")}
+    with_safetensors = {os.path.basename(os.path.dirname(f)) for f in files if f.endswith(".safetensors")}
+    return with_bin - with_safetensors
+
+
+def _find_unreadable_weights(path) -> tuple[str, str] | None:
+    """In a local pipeline folder, the first weights file that cannot be read, and why: a ``*.safetensors`` whose
+    header or size is broken, or a ``.bin`` that torch's weights-only unpickler refuses (or cannot read)."""
     from safetensors import safe_open
 
-    if not os.path.isdir(str(path)):
-        return None
-    for root, _, files in sorted(os.walk(str(path))):
-        for name in sorted(files):
-            if name.endswith(".safetensors"):
-                file = os.path.join(root, name)
-                try:
-                    with safe_open(file, framework="pt") as f:
-                        for key in f.keys():
-                            f.get_slice(key)
-                except Exception:
-                    return file
+    for file in _weight_files(path):
+        try:
+            if file.endswith(".safetensors"):
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            else:
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            if file.endswith(".safetensors"):
+                return file, f"it is truncated or corrupt ({err}); re-download it or re-save the pipeline."
+            return file, ("torch's weights-only unpickler refused it: it holds objects other than tensors (a pickle "
+                          f"that would run code, or a damaged file: {str(err).splitlines()[0][:160]}). Nothing in "
+                          "it was run; use a pipeline saved with safetensors.")
     return None

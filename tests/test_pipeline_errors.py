@@ -146,6 +146,44 @@ def test_missing_pipeline_folder(saved_pipes, tmp_path, monkeypatch, where):
         LatentPipeline.from_pretrained(path)
 
 
-def test_pickle_weights_refused(saved_pipes):
-    with pytest.raises(ValueError, match="only loads safetensors"):
-        LatentPipeline.from_pretrained(saved_pipes["unet"], use_safetensors=False)
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_pickle_weights_load_weights_only_with_a_warning(kind, tmp_path, caplog):
+    """A pipeline saved with ``safe_serialization=False`` (``.bin`` files) loads, as in diffusers, through torch's
+    weights-only unpickler, with a warning; it samples what the original samples."""
+    from ldm.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(kind)
+    pipe.save_pretrained(tmp_path, safe_serialization=False)  # transformers 5 writes the text encoder as safetensors
+    for folder in ("denoiser", "vae"):
+        assert not list((tmp_path / folder).glob("*.safetensors")) and list((tmp_path / folder).glob("*.bin"))
+    with caplog.at_level(logging.WARNING, logger="pipelines.pipeline_latent"):
+        loaded = LatentPipeline.from_pretrained(tmp_path)
+    assert "weights-only unpickler" in caplog.text
+    np.testing.assert_array_equal(sample(loaded), sample(pipe))
+
+
+class _RunsCode:
+    """A pickle payload: unpickling it calls ``os.system(command)``."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("component", ["denoiser", "vae", "text_encoder"])
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(component, tmp_path):
+    import pickle
+
+    from ldm.tiny import tiny_pipeline
+
+    tiny_pipeline("unet").save_pretrained(tmp_path, safe_serialization=False)
+    for old in (tmp_path / component).glob("*.safetensors"):  # the text encoder: as an older transformers saved it
+        old.unlink()
+    weights = next((tmp_path / component).glob("*.bin"), tmp_path / component / "pytorch_model.bin")
+    marker = tmp_path / "pwned"
+    weights.write_bytes(pickle.dumps({"weight": _RunsCode(f"touch {marker}")}))
+    with pytest.raises(OSError, match=re.escape(str(weights)) + ".*weights-only unpickler refused it"):
+        LatentPipeline.from_pretrained(tmp_path)
+    assert not marker.exists()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.utils import BaseOutput
+from diffusers.utils.peft_utils import apply_lora_scale
 from torch import nn
 
 from ..guidance import embedding_input
@@ -110,6 +111,7 @@ class DenoiserMixin:
 
     _supports_gradient_checkpointing = True
 
+    @apply_lora_scale("cross_attention_kwargs")
     def forward(
         self,
         sample: torch.Tensor,
@@ -117,15 +119,32 @@ class DenoiserMixin:
         encoder_hidden_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
+        cross_attention_kwargs: dict | None = None,
         return_dict: bool = True,
     ) -> DenoiserOutput | tuple[torch.Tensor]:
-        """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W)."""
+        """sample (B, C, H, W), timestep (B,), encoder_hidden_states (B, L, D_txt), mask (B, L) -> (B, C_out, H, W).
+
+        ``cross_attention_kwargs``: ``{"scale": s}`` scales the LoRA adapters for this call (peft); the other entries
+        go to every attention processor, as in diffusers' U-Net.
+        """
         check_denoiser_inputs(sample, encoder_hidden_states, self.sample_divisor, self.divisor_reason)
         timestep = broadcast_timestep(timestep, sample.shape[0], sample.device)
         temb = self.time_embed(timestep, guidance, sample.dtype)  # (B, T)
         context, mask = drop_padding(encoder_hidden_states, encoder_attention_mask)  # (B, L', D_txt), L' <= L
-        out = self.denoise(sample, temb, context, mask_to_bias(mask, sample.dtype))  # bias (B, 1, L')
+        bias = mask_to_bias(mask, sample.dtype)  # (B, 1, L')
+        out = self.denoise(sample, temb, context, bias, cross_attention_kwargs or {})
         return DenoiserOutput(sample=out) if return_dict else (out,)
+
+    def set_attention_slice(self, slice_size: str | int | None = "auto") -> None:
+        """Sliced attention in every attention layer (diffusers' ``SlicedAttnProcessor``): ``"auto"`` halves the
+        heads per slice, ``"max"`` runs one head at a time, an int that many heads, ``None`` goes back to SDPA.
+        ``pipe.enable_attention_slicing()`` calls this."""
+        from diffusers.models.attention_processor import Attention
+
+        for module in self.modules():
+            if isinstance(module, Attention):
+                size = {"auto": max(1, module.sliceable_head_dim // 2), "max": 1}.get(slice_size, slice_size)
+                module.set_attention_slice(size)
 
     def _run(self, module: nn.Module, *args) -> torch.Tensor:
         """``module(*args)``, through gradient checkpointing when it is on and autograd records."""

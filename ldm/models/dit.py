@@ -84,14 +84,15 @@ class DiTBlock(nn.Module):
         else:  # DiT adaLN-Zero: per-block projection of the conditioning vector
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, cond, context, context_bias):
+    def forward(self, x, cond, context, context_bias, attention_kwargs):
         if hasattr(self, "scale_shift_table"):
             mod = self.scale_shift_table[None] + cond  # cond: (B, 6, D) from the shared projection
         else:
             mod = self.adaLN_modulation(cond).unflatten(1, (6, -1))  # cond: (B, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(2).unbind(1)  # each (B, 1, D)
-        x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1)))  # x + gate1 * attn
-        x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias)
+        x = torch.addcmul(x, gate1, self.attn1(modulate(self.norm1(x), shift1, scale1), **attention_kwargs))
+        x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias,
+                           **attention_kwargs)
         return torch.addcmul(x, gate2, self.ff(modulate(self.norm3(x), shift2, scale2)))
 
 
@@ -204,7 +205,7 @@ class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
 
     divisor_reason = "the patch size"
 
-    def denoise(self, sample, temb, context, bias) -> torch.Tensor:
+    def denoise(self, sample, temb, context, bias, attention_kwargs: dict) -> torch.Tensor:
         """sample (B, C, H, W), temb (B, D), text tokens (B, L, D_txt), bias (B, 1, L) -> (B, C_out, H, W)."""
         b, _, h, w = sample.shape
         p = self.config.patch_size
@@ -221,7 +222,7 @@ class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
             cond = temb
             shift, scale = self.final_adaLN_modulation(temb).unflatten(1, (2, -1)).unsqueeze(2).unbind(1)
         for block in self.blocks:
-            x = self._run(block, x, cond, context, bias)
+            x = self._run(block, x, cond, context, bias, attention_kwargs)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C_out)
         x = x.reshape(b, gh, gw, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, self.out_channels, h, w)

@@ -63,9 +63,11 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn="geglu")
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None,
+                attention_kwargs: dict) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), **attention_kwargs)
+        x = x + self.attn2(self.norm2(x), encoder_hidden_states=context, attention_mask=context_bias,
+                           **attention_kwargs)
         return x + self.ff(self.norm3(x))
 
 
@@ -85,11 +87,12 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_bias: torch.Tensor | None,
+                attention_kwargs: dict) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c))
         for block in self.blocks:
-            tokens = block(tokens, context, context_bias)
+            tokens = block(tokens, context, context_bias, attention_kwargs)
         tokens = self.proj_out(tokens)
         return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
@@ -104,9 +107,9 @@ class UNetLayer(nn.Module):
             SpatialTransformer(out_ch, head_dim, context_dim, depth, groups, dropout) if attention else None
         )
 
-    def forward(self, x, temb, context, context_bias):
+    def forward(self, x, temb, context, context_bias, attention_kwargs):
         x = self.res(x, temb)
-        return self.attn(x, context, context_bias) if self.attn is not None else x
+        return self.attn(x, context, context_bias, attention_kwargs) if self.attn is not None else x
 
 
 class Downsample(nn.Module):
@@ -226,17 +229,17 @@ class UNetModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdap
     def divisor_reason(self) -> str:
         return f"the U-Net halves the resolution {len(self.config.block_out_channels) - 1} times"
 
-    def denoise(self, sample, temb, context, bias) -> torch.Tensor:
+    def denoise(self, sample, temb, context, bias, attention_kwargs: dict) -> torch.Tensor:
         """sample (B, C, H, W), temb (B, T), text tokens (B, L, D_txt), bias (B, 1, L) -> (B, C_out, H, W)."""
         x = self.conv_in(sample)
         skips = [x]
         for module in self.down:
-            x = self._run(module, x, temb, context, bias)
+            x = self._run(module, x, temb, context, bias, attention_kwargs)
             skips.append(x)
         for module in self.mid:
-            x = self._run(module, x, temb, context, bias)
+            x = self._run(module, x, temb, context, bias, attention_kwargs)
         for module in self.up:
             if isinstance(module, UNetLayer):
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = self._run(module, x, temb, context, bias)
+            x = self._run(module, x, temb, context, bias, attention_kwargs)
         return self.conv_out(F.silu(self.norm_out(x)))
