@@ -8,6 +8,7 @@ from .models import DIT_SIZES, DenoiserOutput, DiTModel, UNetModel, dit_size_con
 from .schedulers import ProgressiveDistillationScheduler
 
 __version__ = "0.1.0"
+IS_LDM_HF = True  # tells this project's ldm from other packages of the same name (pipelines checks it)
 
 
 

@@ -19,8 +19,15 @@ SCHEDULERS = {
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ldm import __version__
+
     parser = argparse.ArgumentParser(prog="ldm", description="ldm: latent text-to-image diffusion.")
+    parser.add_argument("--version", action="version", version=f"ldm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a saved pipeline in another layout")
+    export.add_argument("--portable", nargs=2, metavar=("SOURCE", "TARGET"), required=True,
+                        help="diffusers' remote-code layout: DiffusionPipeline.from_pretrained(TARGET, "
+                             "trust_remote_code=True) loads it without ldm installed")
     gen = sub.add_parser("generate", help="generate images from prompts with a saved LatentPipeline")
     gen.add_argument("prompts", nargs="+", help="one or more prompts (one grid row each)")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -94,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "export":
+            from ldm.export import export_portable
+
+            print(f"wrote {export_portable(*args.portable)}")
     except (ValueError, OSError) as err:
         print(f"ldm: error: {err}", file=sys.stderr)
         return 2
