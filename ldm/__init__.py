@@ -4,7 +4,7 @@ Importing this package imports every model and scheduler module, which is what l
 ``["ldm.models.unet", "UNetModel"]``-style entries of a saved ``model_index.json``.
 """
 
-from .models import DIT_SIZES, DenoiserOutput, DiTModel, UNetModel, dit_size_config
+from .models import DIT_SIZES, UNET_SIZES, DenoiserOutput, DiTModel, UNetModel, dit_size_config, unet_size_config
 from .schedulers import ProgressiveDistillationScheduler
 
 __version__ = "0.1.0"
@@ -28,7 +28,9 @@ __all__ = [
     "DenoiserOutput",
     "DiTModel",
     "ProgressiveDistillationScheduler",
+    "UNET_SIZES",
     "UNetModel",
     "dit_size_config",
+    "unet_size_config",
     "__version__",
 ]

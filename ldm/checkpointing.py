@@ -48,9 +48,13 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+EMA_FILE = "ema.safetensors"
+
+
 def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state: dict,
-                    total_limit: int | None = None) -> Path:
-    """Save the accelerator state (models, optimizers, schedulers, RNG, registered objects) plus ``state``.
+                    total_limit: int | None = None, ema=None) -> Path:
+    """Save the accelerator state (models, optimizers, schedulers, RNG) plus ``state``, and diffusers' ``EMAModel``
+    as ``ema.safetensors`` with its scalars in ``training_state.json`` (never a pickle).
 
     Must be called on every process. Returns the final ``checkpoint-<step>`` path.
     """
@@ -63,6 +67,8 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            state = dict(state, ema=save_ema(ema, tmp / EMA_FILE))
         for hook in BEFORE_PUBLISH_HOOKS:
             hook(step, tmp)
         _fsync_write(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=2))
@@ -96,15 +102,16 @@ def remove_incomplete(output_dir: str | os.PathLike) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Path | None:
-    """``"latest"`` -> newest complete checkpoint in ``output_dir`` (None when there is none); a path -> that path,
-    checked to be a complete checkpoint."""
+def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None, quiet: bool = False) -> Path | None:
+    """``"latest"`` -> newest complete checkpoint in ``output_dir`` (None when there is none: a new run, said in the
+    log unless ``quiet``); a path -> that path, checked to be a complete checkpoint."""
     if not resume_from:
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
+            (logger.info if quiet else logger.warning)(
+                "--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
             return None
         return found[-1]
     path = Path(resume_from)
@@ -118,7 +125,46 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None) -> Pa
     return path
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
-    """Restore the accelerator state saved by ``save_checkpoint``; returns the saved ``state`` dict."""
+def save_ema(ema, path: Path) -> dict:
+    """Write the EMA's shadow weights to ``path`` (safetensors); returns its scalars (decay, step, ...)."""
+    from safetensors.torch import save_file
+
+    scalars = ema.state_dict()
+    shadow = scalars.pop("shadow_params")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, str(path))
+    return {k: v for k, v in scalars.items() if isinstance(v, (int, float, bool, type(None)))}
+
+
+def load_ema(ema, path: Path, scalars: dict, checkpoint: Path) -> None:
+    """Restore an ``EMAModel`` saved by :func:`save_ema`; a file that does not match this model is an error."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    shadow = ema.shadow_params
+    if len(tensors) != len(shadow) or any(tuple(tensors[str(i)].shape) != tuple(p.shape) for i, p in enumerate(shadow)):
+        raise ValueError(f"{path} holds EMA weights of another model ({len(tensors)} tensors for {len(shadow)} "
+                         f"parameters); checkpoint {checkpoint} cannot resume this run.")
+    state = dict(scalars, shadow_params=[tensors[str(i)].to(p.device, p.dtype) for i, p in enumerate(shadow)])
+    ema.load_state_dict(state)
+
+
+def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict:
+    """Restore the accelerator state saved by ``save_checkpoint`` (and the EMA when there is one); returns the saved
+    ``state`` dict. Nothing in the folder is unpickled except through torch's weights-only loader."""
+    path = Path(path)
+    if (path / "custom_checkpoint_0.pkl").exists():
+        raise ValueError(f"{path} was written by an older ldm that pickled the EMA (custom_checkpoint_0.pkl); "
+                         "ldm no longer unpickles it. Delete that file to resume with a fresh EMA, or start a new "
+                         "run.")
+    state = json.loads((path / STATE_FILE).read_text())
+    has_ema = (path / EMA_FILE).is_file()
+    if ema is None and has_ema:
+        raise ValueError(f"Checkpoint {path} holds EMA weights (it was trained with --use_ema): pass --use_ema to "
+                         "resume it.")
+    if ema is not None and not has_ema:
+        raise ValueError(f"Checkpoint {path} has no EMA weights (it was trained without --use_ema): drop "
+                         "--use_ema to resume it, or start a new run.")
     accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    if ema is not None:
+        load_ema(ema, path / EMA_FILE, state.get("ema", {}), path)
+    return state

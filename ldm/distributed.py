@@ -37,6 +37,7 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
                                   set_seed)
 
     output_dir = Path(output_dir)
+    check_trackers(report_to)
     accelerator = Accelerator(
         cpu=multi_process_without_accelerator(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=gradient_accumulation_steps,
@@ -62,11 +63,37 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
     return accelerator
 
 
-def tracker_config(args) -> dict:
-    """A script's arguments for the trackers and ``training_args.json``: scalars as they are, anything else as a
-    string, the Hub token left out."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in vars(args).items() if k != "hub_token"}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+
+
+def check_trackers(report_to: str) -> None:
+    """Fail before training when a ``--report_to`` tracker is not installed (accelerate would only warn and then
+    track nothing)."""
+    import importlib.util
+
+    for name in [n.strip() for n in report_to.split(",")] if report_to not in ("none", "all") else []:
+        package = TRACKER_PACKAGES.get(name)
+        if package is None:
+            raise ValueError(f"--report_to {name!r} is not a tracker accelerate knows; use one of "
+                             f"{sorted(TRACKER_PACKAGES)}, 'all' or 'none'.")
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"--report_to {name} needs the {package} package: pip install {package}, or pass "
+                              "--report_to tensorboard (the default) or none.")
+
+
+def tracker_config(args, json_ready: bool = False) -> dict:
+    """A script's arguments for the trackers (scalars as they are, anything else as a string, unset ones as "")
+    or, with ``json_ready``, for ``training_args.json`` (unset ones as null, lists as lists); never the Hub token."""
+    out = {}
+    for key, value in vars(args).items():
+        if key == "hub_token":
+            continue
+        if json_ready:
+            out[key] = value if value is None or isinstance(value, (int, float, str, bool, list)) else str(value)
+        else:
+            out[key] = "" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:

@@ -37,6 +37,7 @@ class LoopConfig:
     seed: int = 0
     desc: str = "Steps"
     log_prefix: str = ""  # tracker tags become f"{log_prefix}loss" ... (distill.py: one prefix per stage)
+    always_resumes: bool = False  # "latest" is the script's default (distill.py), so a fresh start is no news
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -86,13 +87,13 @@ def make_optimizer(params, learning_rate: float, use_8bit_adam: bool = False, be
     return cls(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
-def resume(accelerator, cfg: LoopConfig) -> LoopState:
+def resume(accelerator, cfg: LoopConfig, ema=None) -> LoopState:
     """The state to start from: fresh, or restored from ``cfg.resume_from_checkpoint`` (``"latest"`` or a path)."""
     state = LoopState()
-    path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    path = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint, quiet=cfg.always_resumes)
     if path is None:
         return state
-    saved = load_checkpoint(accelerator, path)
+    saved = load_checkpoint(accelerator, path, ema)
     state.step, state.epoch, state.batches_done = saved["step"], saved["epoch"], saved["batches_in_epoch"]
     positions = saved.get("positions", [])  # per process: streams split by file can end epochs apart
     if len(positions) == accelerator.num_processes:
@@ -150,7 +151,7 @@ def end_of_step(accelerator, lr_scheduler, out, cfg: LoopConfig, state: LoopStat
     accelerator.log({cfg.log_prefix + k: v for k, v in logs.items()}, step=state.step)
     if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
         save_checkpoint(accelerator, cfg.output_dir, state.step, progress_state(accelerator, cfg, state),
-                        cfg.checkpoints_total_limit)
+                        cfg.checkpoints_total_limit, ema=ema)
 
 
 def count_streamed_skips(batch: dict, state: LoopState) -> None:
@@ -180,7 +181,7 @@ def run_training(
     """
     from tqdm.auto import tqdm
 
-    state = resume(accelerator, cfg)
+    state = resume(accelerator, cfg, ema)
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=cfg.max_train_steps, initial=state.step, desc=cfg.desc,
                     disable=not accelerator.is_local_main_process)

@@ -11,9 +11,11 @@ runs one batch of B per step.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import os
+import threading
 from typing import Any, Callable
 
 import torch
@@ -34,6 +36,20 @@ from ldm.latents import decode, vae_scale_factor
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _call_state(pipe) -> threading.local:
+    """The pipeline's per-thread call state (created on first use)."""
+    state = pipe.__dict__.get("_ldm_call_state")
+    if state is None:
+        state = pipe.__dict__.setdefault("_ldm_call_state", threading.local())
+    return state
+
+
+def _per_call(name: str, default=None) -> property:
+    """A pipeline attribute that lives in the calling thread's state."""
+    return property(lambda self: getattr(_call_state(self), name, default),
+                    lambda self, value: setattr(_call_state(self), name, value))
 
 
 class LatentPipeline(DiffusionPipeline):
@@ -114,12 +130,7 @@ class LatentPipeline(DiffusionPipeline):
         naming it.
         """
         path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
-        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or os.path.exists(path)):
-            problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-            raise OSError(
-                f"The pipeline folder {pretrained_model_name_or_path} {problem}. Pass a folder written by "
-                f"LatentPipeline.save_pretrained or a Hub id such as 'user/model'."
-            )
+        _check_local_folder(path)
         pickles = _pickle_only_weights(path)
         if pickles:
             logger.warning("%s has no safetensors weights for %s; loading the pickled .bin files with torch's "
@@ -174,12 +185,23 @@ class LatentPipeline(DiffusionPipeline):
         self.denoiser.unload_lora()
 
     # ------------------------------------------------------------------ properties
-    # per-call state, read as in diffusers by step-end callbacks (pipe.guidance_scale, pipe.num_timesteps, ...)
+    # Per-call state, read (and set: diffusers' callbacks assign pipe._guidance_scale) as in diffusers, kept per
+    # thread, so one pipeline serves many threads: each call also samples with its own copy of the scheduler.
+    _guidance_scale = _per_call("guidance_scale")
+    _guidance_rescale = _per_call("guidance_rescale")
+    _num_timesteps = _per_call("num_timesteps")
+    _interrupt = _per_call("interrupt", False)
+    _cross_attention_kwargs = _per_call("cross_attention_kwargs")
     guidance_scale = property(lambda self: self._guidance_scale)
     guidance_rescale = property(lambda self: self._guidance_rescale)
     num_timesteps = property(lambda self: self._num_timesteps)
     interrupt = property(lambda self: self._interrupt)
     cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
+
+    @property
+    def _sampler(self):
+        """The scheduler of the running call (a per-call copy of ``self.scheduler``), else ``self.scheduler``."""
+        return getattr(_call_state(self), "scheduler", None) or self.scheduler
 
     @property
     def guidance_distilled(self) -> bool:
@@ -274,6 +296,11 @@ class LatentPipeline(DiffusionPipeline):
                 f"divisor {multiple // self.vae_scale_factor}); got {height}x{width}. Try "
                 f"{max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)}."
             )
+        trained = self.denoiser.config.sample_size * self.vae_scale_factor
+        if max(height, width) > 2 * trained or min(height, width) < trained / 2:
+            logger.warning("This denoiser was trained at %dx%d pixels; %dx%d is far from it and usually gives "
+                           "repeated or broken patterns. Sample at (or near) %dx%d.", trained, trained, height, width,
+                           trained, trained)
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -307,7 +334,7 @@ class LatentPipeline(DiffusionPipeline):
                 f"{self.denoiser.config.cross_attention_dim}."
             )
         if timesteps is None:
-            max_steps = self.scheduler.config.num_train_timesteps
+            max_steps = self._sampler.config.num_train_timesteps
             if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
                 raise ValueError(
                     f"num_inference_steps must be an integer between 1 and the {max_steps} training timesteps, "
@@ -340,19 +367,19 @@ class LatentPipeline(DiffusionPipeline):
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
             latents = latents.to(device=device, dtype=dtype)
-        return latents * self.scheduler.init_noise_sigma
+        return latents * self._sampler.init_noise_sigma
 
     def _set_timesteps(self, num_inference_steps: int, timesteps: list[int] | None, device) -> torch.Tensor:
         """Configure the scheduler with a step count or explicit ``timesteps``; return its (descending) timesteps."""
         if timesteps is None:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            self._sampler.set_timesteps(num_inference_steps, device=device)
         else:
-            if "timesteps" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            if "timesteps" not in inspect.signature(self._sampler.set_timesteps).parameters:
                 raise ValueError(
-                    f"{type(self.scheduler).__name__} does not accept custom `timesteps`; pass num_inference_steps."
+                    f"{type(self._sampler).__name__} does not accept custom `timesteps`; pass num_inference_steps."
                 )
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        return self.scheduler.timesteps
+            self._sampler.set_timesteps(timesteps=timesteps, device=device)
+        return self._sampler.timesteps
 
     def _scheduler_samples_learned_variance(self) -> bool:
         """True when ``scheduler.step`` samples with the denoiser's learned variance: DDPM-style schedulers with
@@ -361,14 +388,14 @@ class LatentPipeline(DiffusionPipeline):
         Other schedulers (DDIM, Euler, ... also when ``from_config`` copied a stray ``variance_type``) get the
         prediction alone.
         """
-        variance_type = getattr(self.scheduler.config, "variance_type", None)
+        variance_type = getattr(self._sampler.config, "variance_type", None)
         if variance_type not in ("learned", "learned_range"):
             return False
-        if isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)):
+        if isinstance(self._sampler, (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)):
             return True
         latent_channels = self.denoiser.config.in_channels
-        if "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters and latent_channels != 3:
-            name = type(self.scheduler).__name__
+        if "variance_type" in inspect.signature(type(self._sampler).__init__).parameters and latent_channels != 3:
+            name = type(self._sampler).__name__
             raise ValueError(
                 f"{name} with variance_type={variance_type!r} keeps only the first 3 channels of the model output "
                 f"(diffusers assumes RGB pixels), which breaks {latent_channels}-channel latents. Create it with "
@@ -378,7 +405,7 @@ class LatentPipeline(DiffusionPipeline):
         return False
 
     def _scheduler_step_kwargs(self, generator, eta: float) -> dict[str, Any]:
-        params = set(inspect.signature(self.scheduler.step).parameters)
+        params = set(inspect.signature(self._sampler.step).parameters)
         kwargs = {}
         if "eta" in params:
             kwargs["eta"] = eta
@@ -451,11 +478,15 @@ class LatentPipeline(DiffusionPipeline):
         else:
             images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
         self.maybe_free_model_hooks()
+        _call_state(self).scheduler = None
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     def _defaults(self, height, width, num_inference_steps, guidance_scale) -> tuple:
         """Unset sizes: the denoiser's trained size; steps: a distilled scheduler's own count, else 50; guidance:
-        the scheduler's ``guidance_scale`` (guidance-distilled students record theirs), else 7.5."""
+        the scheduler's ``guidance_scale`` (guidance-distilled students record theirs), else 7.5. Also gives the call
+        its own copy of the scheduler (its timesteps and step buffers), so calls from several threads are
+        independent."""
+        _call_state(self).scheduler = copy.deepcopy(self.scheduler)
         height = height or self.denoiser.config.sample_size * self.vae_scale_factor
         width = width or self.denoiser.config.sample_size * self.vae_scale_factor
         if num_inference_steps is None:
@@ -482,7 +513,7 @@ class LatentPipeline(DiffusionPipeline):
                     continue
                 pred = self._guided_prediction(latents, t, prompt_embeds, prompt_mask, negative_prompt_embeds,
                                                negative_mask, guidance, learned_variance)
-                latents = self.scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                latents = self._sampler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     callback_kwargs = {}
                     for name in callback_on_step_end_tensor_inputs:
@@ -505,7 +536,7 @@ class LatentPipeline(DiffusionPipeline):
             model_input = torch.cat([latents, latents])
         else:
             context, mask, model_input = prompt_embeds, prompt_mask, latents
-        model_input = self.scheduler.scale_model_input(model_input, t)
+        model_input = self._sampler.scale_model_input(model_input, t)
         t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
         output = self.denoiser(model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,
                                guidance=guidance, cross_attention_kwargs=self._cross_attention_kwargs,
@@ -521,10 +552,34 @@ class LatentPipeline(DiffusionPipeline):
             return pred
         if variance.shape[1] != latent_channels:
             raise ValueError(
-                f"The scheduler has variance_type={self.scheduler.config.variance_type!r} but the "
+                f"The scheduler has variance_type={self._sampler.config.variance_type!r} but the "
                 "denoiser predicts no variance; build it with learned_sigma=True or use a fixed variance."
             )
         return torch.cat([pred, variance], dim=1)
+
+
+def _check_local_folder(path: str) -> None:
+    """An ``OSError`` for a path meant as a local folder that is not one (a Hub id is ``user/name``, nothing else).
+
+    Local: absolute, ``./``-relative, existing, more than one ``/``, or a first part that is a local folder (the
+    typo ``models/shapes-teachr`` next to ``models/``); the error names the closest existing folders."""
+    import difflib
+
+    if os.path.isdir(path):
+        return
+    parts = path.replace(os.sep, "/").split("/")
+    local = (os.path.isabs(path) or path.startswith(".") or os.path.exists(path) or len(parts) > 2
+             or (len(parts) == 2 and os.path.isdir(parts[0])))
+    if not local:
+        return
+    problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+    parent = os.path.dirname(path) or "."
+    siblings = sorted(n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))) \
+        if os.path.isdir(parent) else []
+    close = difflib.get_close_matches(os.path.basename(path), siblings, n=3)
+    hint = f" Did you mean {', '.join(os.path.join(parent, c) for c in close)}?" if close else ""
+    raise OSError(f"The pipeline folder {path} {problem}.{hint} Pass a folder written by "
+                  "LatentPipeline.save_pretrained or a Hub id such as 'user/model'.")
 
 
 def _weight_files(path) -> list[str]:

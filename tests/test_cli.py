@@ -29,6 +29,13 @@ def cli(saved_pipes, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedPr
         "model": MODULE + ["generate", "--model", saved_pipes["unet"], "a red fox", "--steps", "2",
                            "--height", "32", "--width", "32", "--seed", "3", "--guidance_scale", "5"],
         "missing": MODULE + ["generate", "--model", str(out / "no-such-model"), "a red fox"],
+        "typo": MODULE + ["generate", "--model", saved_pipes["unet"] + "x", "a red fox"],
+        "cuda": MODULE + ["generate", "--tiny", "unet", "a red fox", "--device", "cuda"],
+        "foo": MODULE + ["generate", "--tiny", "unet", "a red fox", "--device", "foo"],
+        "xformers": MODULE + ["generate", "--tiny", "unet", "a red fox", "--steps", "1", "--xformers"],
+        "files": MODULE + ["generate", "--tiny", "unet", "a red fox", "a cat", "--num_images", "2", "--steps", "1",
+                           "--output_dir", str(out / "files"), "--threads", "1"],
+        "version": MODULE + ["--version"],
     }
     env = subprocess_env()
     procs = {}
@@ -87,3 +94,37 @@ def test_bad_model_path_one_line_error(cli):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("ldm: error:") and "no-such-model" in lines[0] and "does not exist" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("typo", "does not exist. Did you mean"),
+    ("cuda", "this machine has no cuda device; use --device cpu"),
+    ("foo", "--device 'foo' is not a device name"),
+    ("xformers", "--xformers needs the xformers package"),
+])
+def test_frictions_are_one_line_errors(cli, case, message):
+    result, _ = cli[case]
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_individual_images_and_version(cli):
+    result, png = cli["files"]
+    check_ok(result, png)
+    folder = png.parent / "files"
+    assert sorted(p.name for p in folder.iterdir()) == ["00-00.png", "00-01.png", "01-00.png", "01-01.png"]
+    version, _ = cli["version"]
+    assert version.returncode == 0 and version.stdout.startswith("ldm ")
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    from ldm.cli import default_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert default_threads() == cpus
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus - 1.0, 0.0, 0.0))
+    assert default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 5.0, 0.0, 0.0))
+    assert default_threads() == 1

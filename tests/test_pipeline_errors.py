@@ -187,3 +187,14 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(component, tmp
     with pytest.raises(OSError, match=re.escape(str(weights)) + ".*weights-only unpickler refused it"):
         LatentPipeline.from_pretrained(tmp_path)
     assert not marker.exists()
+
+
+def test_a_size_far_from_the_trained_one_warns(caplog):
+    from ldm.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("unet")  # trained size: 8 x 8 latents x VAE factor 8 = 64 px
+    with caplog.at_level(logging.WARNING, logger="pipelines.pipeline_latent"):
+        sample(pipe, height=32, width=128, num_inference_steps=1)  # within 2x either way: fine
+        assert "trained at" not in caplog.text
+        sample(pipe, height=256, width=256, num_inference_steps=1)
+    assert "This denoiser was trained at 64x64 pixels; 256x256 is far from it" in caplog.text

@@ -250,7 +250,12 @@ def test_one_epoch_saves_a_loadable_pipeline_with_card(kind, request):
     run.log(rf"Training {'UNetModel' if kind == 'unet' else 'DiTModel'} \(\d+ of \d+ parameters trainable\) for "
             rf"{steps} steps")
     assert [p.name for p in list_checkpoints(run.out)] == [f"checkpoint-{steps}"]
-    assert run.state(steps) == {"epoch": 0, "batches_in_epoch": 3, "skipped": SKIPPED, "step": steps}
+    state = run.state(steps)
+    ema = state.pop("ema", None)  # the EMA's scalars (its weights are ema.safetensors beside)
+    assert state == {"epoch": 0, "batches_in_epoch": 3, "skipped": SKIPPED, "step": steps}
+    assert (ema is not None) == (kind == "dit") and (ema is None or ema["optimization_step"] == steps)
+    assert (run.out / f"checkpoint-{steps}" / "ema.safetensors").is_file() == (kind == "dit")
+    assert not list(run.out.rglob("*.pkl")) or all("random_states" in p.name for p in run.out.rglob("*.pkl"))
 
     pipe, images = load_and_sample(run.out)
     assert type(pipe.denoiser).__name__ == ("UNetModel" if kind == "unet" else "DiTModel")
@@ -714,7 +719,7 @@ def test_bad_arguments_are_refused(t2i, env, drop, flags, message):
     (["--resume_from_checkpoint", "{root}"], "is not a complete checkpoint (no training_state.json)"),
     (["--resume_from_checkpoint", "checkpoint-7"], "is not a complete checkpoint (no training_state.json)"),
     (["--resolution", "36"], "--resolution 36 is not a multiple of the VAE factor 8"),
-    (["--denoiser_config", "unet-s/2"], "is not a file; size names are for DiT"),
+    (["--denoiser_config", "unet-xl"], "Unknown U-Net size 'unet-xl'; choose one of unet-s, unet-b, unet-l"),
 ])
 def test_bad_arguments_fail_in_main(t2i, env, flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -741,3 +746,85 @@ def test_bf16_mixed_precision_trains_both_denoisers_close_to_float32(t2i, env, k
     moved, apart = norm(a, init), norm(a, b)
     assert moved > 1e-3 and apart < 0.5 * moved  # bf16 follows the float32 trajectory
     load_and_sample(bf16.out)
+
+
+# ---------------------------------------------------------------------------------------------------- frictions
+def _ema_run(t2i, env, name: str) -> Run:
+    return train(t2i, env, name, "--max_train_steps", "1", "--checkpointing_steps", "1", "--use_ema")
+
+
+class _RunsCode:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_ema_lives_in_safetensors_and_a_mismatched_resume_says_which_flag(t2i, env):
+    run = _ema_run(t2i, env, "ema-flag")
+    assert (run.out / "checkpoint-1" / "ema.safetensors").is_file()
+    assert not (run.out / "checkpoint-1" / "custom_checkpoint_0.pkl").exists()
+    with pytest.raises(ValueError, match="holds EMA weights .* pass --use_ema to resume it"):
+        train(t2i, env, "ema-flag", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    plain = train(t2i, env, "no-ema", "--max_train_steps", "1", "--checkpointing_steps", "1")
+    with pytest.raises(ValueError, match="has no EMA weights .* drop --use_ema"):
+        train(t2i, env, plain.out.name, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--use_ema")
+
+
+@pytest.mark.parametrize("file, refused", [("custom_checkpoint_0.pkl", True), ("optimizer.bin", True),
+                                           ("scheduler.bin", True), ("random_states_0.pkl", False)])
+def test_no_code_runs_from_a_checkpoint_folder(t2i, env, file, refused):
+    """A crafted pickle in a checkpoint (the old pickled EMA, the optimizer, LR-scheduler or RNG state) never runs:
+    the first three stop the resume with an error; accelerate skips unreadable RNG states (the run's draws come from
+    the per-step generators, so it resumes exactly all the same)."""
+    import pickle
+
+    run = _ema_run(t2i, env, f"crafted-{file}")
+    marker = env.root / f"pwned-{file}"
+    (run.out / "checkpoint-1" / file).write_bytes(pickle.dumps({"state": _RunsCode(f"touch {marker}")}))
+    resume = ("--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--use_ema")
+    if refused:
+        with pytest.raises(Exception):
+            train(t2i, env, run.out.name, *resume)
+    else:
+        train(t2i, env, run.out.name, *resume)
+    assert not marker.exists()
+
+
+def test_imagefolder_without_metadata_says_what_is_missing(t2i, env, tmp_path):
+    (tmp_path / "0.png").write_bytes((env.data / "00.png").read_bytes())
+    with pytest.raises(ValueError, match="has no metadata.jsonl.*file_name"):
+        train(t2i, env, "no-metadata", "--train_data_dir", str(tmp_path), "--max_train_steps", "1")
+
+
+def test_a_tracker_that_is_not_installed_fails_before_training(t2i, env):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ImportError, match="--report_to wandb needs the wandb package"):
+        train(t2i, env, "wandb", "--max_train_steps", "1", report_to="wandb")
+    assert not (env.root / "wandb" / "checkpoint-1").exists()
+
+
+def test_resolution_defaults_to_the_vaes_and_unet_sizes_are_named(t2i, env):
+    with pytest.raises(ValueError, match="needs a size: --denoiser_config unet-s, unet-b, unet-l"):
+        train(t2i, env, "no-size", "--max_train_steps", "1", drop=("--denoiser_config",))
+    run = train(t2i, env, "vae-size", "--max_train_steps", "1", "--checkpointing_steps", "1", drop=("--resolution",))
+    vae_size = json.loads((env.base / "vae" / "config.json").read_text())["sample_size"]
+    run.log(rf"--resolution not given: {vae_size}, the VAE's sample_size")
+    args = json.loads((run.out / "training_args.json").read_text())
+    assert args["resolution"] == vae_size and args["lora_rank"] is None  # null, not "None"
+    from ldm import unet_size_config
+
+    assert unet_size_config("unet-s")["block_out_channels"] == (64, 128, 192)
+
+
+def test_push_to_hub_offline_says_the_pipeline_was_saved(t2i, env, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="The pipeline was saved to .*pushing it to the Hub failed.*Push it later"):
+        train(t2i, env, "push-offline", "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/x")
+    assert (env.root / "push-offline" / "model_index.json").is_file()

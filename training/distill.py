@@ -264,7 +264,6 @@ def prepare_stage(args, accelerator, stage: Stage, student, vae, text_encoder, t
         ema = EMAModel(student.parameters(), decay=args.ema_decay, model_cls=type(student),
                        model_config=student.config)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
     return student, optimizer, loader, lr_scheduler, params, ema, max_steps, learning_rate
 
@@ -278,7 +277,6 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     from ldm.training_step import BatchEncoder
 
     accelerator.free_memory()
-    accelerator._custom_objects.clear()  # the previous stage's EMA must not be saved with this one
     weight_dtype = weight_dtype_of(accelerator)
     vae.to(accelerator.device, dtype=vae_dtype_of(accelerator, args.vae_dtype))
     text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -293,7 +291,7 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     work_dir = Path(args.output_dir) / f"work-{stage.folder}"
     loop = LoopConfig(work_dir, max_steps, args.checkpointing_steps, args.checkpoints_total_limit, "latest",
                       args.max_grad_norm, args.gradient_accumulation_steps, args.seed, desc=stage.folder,
-                      log_prefix=f"{stage.folder}/")
+                      log_prefix=f"{stage.folder}/", always_resumes=True)
     logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps, peak learning rate %g", stage.folder,
                 stage.teacher_steps, stage.student_steps, " (guidance folded in)" if stage.guided_student else "",
                 max_steps, learning_rate)

@@ -38,8 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="swap the saved scheduler (from_config)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--fid", action="store_true", help="also FID against real renders (needs Inception weights)")
-    p.add_argument("--clip_score", default=None, help="CLIP model id/folder for CLIP score (needs its weights)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: OMP_NUM_THREADS, else the idle CPUs: cores minus the load average)")
+    p.add_argument("--fid", action="store_true",
+                   help="also FID against real renders (pip install 'ldm-hf[eval]' and Inception weights)")
+    p.add_argument("--clip_score", default=None,
+                   help="CLIP model id/folder for CLIP score (pip install 'ldm-hf[eval]' and its weights)")
     p.add_argument("--output", default=None, help="write a PNG grid here and the JSON next to it")
     return p.parse_args(argv)
 
@@ -56,9 +60,17 @@ def prompts_for(split: str, n: int, seed: int = 0) -> list[tuple[str, dict]]:
 def optional_metric(name: str, compute) -> float | None:
     try:
         return float(compute())
-    except Exception as err:  # missing package or weights (offline): say so, never fail the evaluation
+    except ImportError as err:
+        print(f"{name} skipped: it needs torchmetrics: pip install 'ldm-hf[eval]' ({err})", file=sys.stderr)
+        return None
+    except Exception as err:  # missing weights (offline): say so, never fail the evaluation
         print(f"{name} skipped: {type(err).__name__}: {str(err).splitlines()[0][:200]}", file=sys.stderr)
         return None
+
+
+def steps_of(args, pipe) -> int:
+    """The sampling steps the evaluation used (``--steps``, else the pipeline's default)."""
+    return args.steps or int(getattr(pipe.scheduler.config, "num_distilled_steps", None) or 50)
 
 
 def save_grid(images: list, path: Path, cols: int = 8) -> None:
@@ -83,7 +95,7 @@ def evaluate_emoji_suite(args, pipe) -> dict:
     result = evaluate_emoji(pipe, clip, tokenizer, args.data_dir, args.sets, args.num_prompts, args.steps,
                             args.guidance_scale, args.seed, args.batch_size)
     images = result.pop("images")
-    report = {"model": args.model, "suite": "emoji", "clip": args.clip, "steps": pipe.scheduler.num_inference_steps,
+    report = {"model": args.model, "suite": "emoji", "clip": args.clip, "steps": steps_of(args, pipe),
               "guidance_scale": pipe.guidance_scale, **result}
     if args.output:
         out = Path(args.output)
@@ -99,10 +111,11 @@ def evaluate_emoji_suite(args, pipe) -> dict:
 def main(args: argparse.Namespace) -> dict:
     import diffusers
 
-    from ldm.cli import SCHEDULERS
+    from ldm.cli import SCHEDULERS, set_threads
     from ldm.eval.prompt_following import evaluate_prompt_following
     from pipelines import LatentPipeline
 
+    set_threads(args.threads)
     pipe = LatentPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
@@ -111,7 +124,7 @@ def main(args: argparse.Namespace) -> dict:
         return evaluate_emoji_suite(args, pipe)
     prompts = prompts_for(args.split, args.num_prompts)
     result = evaluate_prompt_following(pipe, prompts, args.steps, args.guidance_scale, args.seed, args.batch_size)
-    report = {"model": args.model, "split": args.split, "steps": pipe.scheduler.num_inference_steps,
+    report = {"model": args.model, "split": args.split, "steps": steps_of(args, pipe),
               "guidance_scale": pipe.guidance_scale, **result.accuracy,
               "seconds_per_image": round(result.seconds_per_image, 4)}
 

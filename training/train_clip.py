@@ -198,9 +198,9 @@ def main(args: argparse.Namespace) -> Path:
                                    args.report_to, "logs", args.seed)
     clip, tokenizer, optimizer, loader, lr_scheduler, params, n_concepts = prepare(args, accelerator)
     if accelerator.is_main_process:
-        config = tracker_config(args)
-        accelerator.init_trackers("train_clip", config=config)
-        (Path(args.output_dir) / "training_args.json").write_text(json.dumps(config, indent=2))
+        accelerator.init_trackers("train_clip", config=tracker_config(args))
+        (Path(args.output_dir) / "training_args.json").write_text(json.dumps(tracker_config(args, json_ready=True),
+                                                                              indent=2))
     unwrapped = accelerator.unwrap_model(clip)
     logger.info("Training CLIP (%.1fM parameters) on %d concepts for %d steps (%.1f epochs)",
                 sum(p.numel() for p in params) / 1e6, n_concepts, args.max_train_steps,

@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--denoiser", choices=["unet", "dit"], default=None,
                    help="train a new denoiser of this kind from scratch (default: fine-tune the pipeline's)")
     g.add_argument("--denoiser_config", default=None,
-                   help="config.json of the new denoiser, or a DiT size name such as dit-s/2")
-    g = add_data_arguments(p, 256, streaming=True)
+                   help="config.json of the new denoiser, or a size: dit-s/2, dit-b/2, ... or unet-s, unet-b, unet-l")
+    g = add_data_arguments(p, None, "training image size (default: the VAE's sample_size)", streaming=True)
     g.add_argument("--cache_latents", action="store_true",
                    help="precompute VAE latents and text embeddings once (map-style data only)")
     g.add_argument("--cache_latents_mode", choices=["posterior", "mean"], default="posterior",
@@ -158,9 +158,11 @@ def build_denoiser(args, vae, text_encoder):
             config = {k: v for k, v in json.loads(Path(args.denoiser_config).read_text()).items()
                       if not k.startswith("_")}
         elif args.denoiser_config:
-            if args.denoiser != "dit":
-                raise ValueError(f"--denoiser_config {args.denoiser_config!r} is not a file; size names are for DiT.")
-            config = ldm.dit_size_config(args.denoiser_config)
+            sizes = ldm.dit_size_config if args.denoiser == "dit" else ldm.unet_size_config
+            config = sizes(args.denoiser_config)
+        else:
+            names = "dit-s/2, dit-b/2, ..." if args.denoiser == "dit" else "unet-s, unet-b, unet-l"
+            raise ValueError(f"--denoiser {args.denoiser} needs a size: --denoiser_config {names} or a config.json.")
         factor = vae_scale_factor(vae)
         if args.resolution % factor:
             raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE factor {factor}.")
@@ -175,6 +177,20 @@ def build_denoiser(args, vae, text_encoder):
     return denoiser
 
 
+def check_resolution(args, vae) -> None:
+    """``--resolution`` defaults to the size the VAE was trained at; another size gets a warning."""
+    trained = getattr(vae.config, "sample_size", None)
+    if isinstance(trained, (list, tuple)):
+        trained = trained[0]
+    if args.resolution is None:
+        args.resolution = int(trained or 256)
+        logger.info("--resolution not given: %d, the VAE's sample_size", args.resolution)
+    elif trained and args.resolution != trained:
+        logger.warning("--resolution %d but the VAE was trained at %d px: its latents (and so the denoiser) may be "
+                       "poor at %d px. Pass --resolution %d, or a VAE trained at this size.", args.resolution,
+                       trained, args.resolution, trained)
+
+
 def build_models(args, accelerator):
     """The frozen VAE, text encoder and tokenizer on the device, the denoiser to train (LoRA adapters, gradient
     checkpointing) and the training objective."""
@@ -185,6 +201,7 @@ def build_models(args, accelerator):
 
     vae, text_encoder, tokenizer = load_frozen_components(
         args.pretrained_model_name_or_path, args.vae, args.text_encoder, args.tokenizer, args.revision)
+    check_resolution(args, vae)
     denoiser = build_denoiser(args, vae, text_encoder)
     scheduler = training_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start, args.beta_end,
                                    args.prediction_type, args.rescale_betas_zero_snr, args.learned_variance)
@@ -206,14 +223,14 @@ def build_models(args, accelerator):
 
 
 def make_ema(args, accelerator, denoiser):
-    """diffusers' ``EMAModel`` of the denoiser, saved with every checkpoint (None without ``--use_ema``)."""
+    """diffusers' ``EMAModel`` of the denoiser, saved with every checkpoint as safetensors (None without
+    ``--use_ema``)."""
     from diffusers.training_utils import EMAModel
 
     if not args.use_ema:
         return None
     ema = EMAModel(denoiser.parameters(), decay=args.ema_decay, model_cls=type(denoiser), model_config=denoiser.config)
     ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(ema)
     return ema
 
 
@@ -291,9 +308,8 @@ def main(args: argparse.Namespace) -> Path:
     run = prepare_training(args, accelerator, denoiser, vae, text_encoder, tokenizer)
     encoder = BatchEncoder(vae, text_encoder, tokenizer, args.random_flip, args.cache_latents_mode)
     if accelerator.is_main_process:
-        config = tracker_config(args)
-        accelerator.init_trackers("train_t2i", config=config)
-        (output_dir / "training_args.json").write_text(json.dumps(config, indent=2))
+        accelerator.init_trackers("train_t2i", config=tracker_config(args))
+        (output_dir / "training_args.json").write_text(json.dumps(tracker_config(args, json_ready=True), indent=2))
     unwrapped = accelerator.unwrap_model(run.denoiser)
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("Training %s (%d of %d parameters trainable) for %d steps, %d images per step",
@@ -402,7 +418,14 @@ def save_final(args, denoiser, ema, noise_scheduler, grid: Path | None, step: in
     )
     logger.info("Saved %s to %s", "LoRA adapters" if lora else "the pipeline", output_dir)
     if args.push_to_hub:
-        push_folder(output_dir, args.hub_model_id or output_dir.name, args.hub_token)
+        repo_id = args.hub_model_id or output_dir.name
+        try:
+            push_folder(output_dir, repo_id, args.hub_token)
+        except Exception as err:  # offline, no token, no rights: the saved pipeline stays where it is
+            raise RuntimeError(
+                f"The pipeline was saved to {output_dir}, but pushing it to the Hub failed: "
+                f"{type(err).__name__}: {str(err).splitlines()[0][:300]}. Push it later with "
+                f"`hf upload {repo_id} {output_dir}` (or huggingface_hub.upload_folder).") from err
 
 
 def push_folder(folder: Path, repo_id: str, token: str | None) -> str:

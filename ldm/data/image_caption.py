@@ -15,6 +15,7 @@ import io
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,6 +89,7 @@ def load_raw_dataset(args: DataArgs, split: str = "train"):
         ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split,
                                    cache_dir=args.cache_dir, streaming=args.streaming)
     elif args.train_data_dir is not None:
+        check_imagefolder(args.train_data_dir)
         ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split=split,
                                    cache_dir=args.cache_dir, streaming=args.streaming)
     else:
@@ -107,6 +109,18 @@ def load_raw_dataset(args: DataArgs, split: str = "train"):
         ds = ds.take(args.max_train_samples) if args.streaming else \
             ds.select(range(min(args.max_train_samples, len(ds))))
     return ds, image_column, caption_column
+
+
+def check_imagefolder(folder: str) -> None:
+    """A clear error for an ``--train_data_dir`` that is missing or has no captions file."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"--train_data_dir {folder} is not a folder.")
+    if not any(root.rglob("metadata.jsonl")) and not any(root.rglob("metadata.csv")):
+        raise ValueError(
+            f"--train_data_dir {folder} has no metadata.jsonl, so its images have no captions. Add one line per "
+            'image: {"file_name": "0001.png", "text": "a red fox"} ("text" may also be a list of captions, one of '
+            "which is drawn per step); see datasets' imagefolder documentation.")
 
 
 def pick_caption(value) -> str | None:

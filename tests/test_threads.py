@@ -1,0 +1,38 @@
+"""One pipeline shared by several threads (a server): every call gives the image it gives alone, bit for bit,
+with mixed guidance scales, step counts and multistep schedulers (each call samples with its own scheduler copy and
+keeps its state per thread)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from ldm.tiny import tiny_pipeline
+
+from conftest import sample
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+CASES = [dict(guidance_scale=g, num_inference_steps=n, seed=s) for g, n, s in
+         [(1.0, 3, 0), (5.0, 4, 1), (7.5, 2, 2), (3.0, 5, 3), (1.0, 4, 4), (9.0, 3, 5), (2.0, 2, 6), (6.0, 5, 7)]]
+
+
+@pytest.mark.parametrize("kind, scheduler", [("unet", None), ("dit", "dpm"), ("unet", "euler")])
+def test_four_threads_give_the_sequential_images(kind, scheduler):
+    pipe = tiny_pipeline(kind)
+    if scheduler == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "euler":
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    cases = CASES * 2
+    expected = [sample(pipe, **case) for case in cases]
+    before = torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda case: sample(pipe, **case), cases))
+    assert torch.get_num_threads() == before
+    for case, got, want in zip(cases, results, expected):
+        np.testing.assert_array_equal(got, want, err_msg=str(case))
