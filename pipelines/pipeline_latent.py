@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import numbers
 import os
 import threading
 from typing import Any, Callable
@@ -285,10 +286,8 @@ class LatentPipeline(DiffusionPipeline):
         return x.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
     # ------------------------------------------------------------------ checks
-    def check_inputs(
-        self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
-        num_inference_steps, timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
-    ) -> None:
+    def _check_size(self, height: int, width: int) -> None:
+        """Multiples of the latent multiple; a warning far (> 2x either way) from the trained size."""
         multiple = self.latent_multiple
         if height % multiple or width % multiple:
             raise ValueError(
@@ -301,6 +300,35 @@ class LatentPipeline(DiffusionPipeline):
             logger.warning("This denoiser was trained at %dx%d pixels; %dx%d is far from it and usually gives "
                            "repeated or broken patterns. Sample at (or near) %dx%d.", trained, trained, height, width,
                            trained, trained)
+
+    def check_values(self, height, width, guidance_scale, eta, guidance_rescale, timesteps, **tensors) -> None:
+        """Sizes are positive ints; guidance_scale, eta and guidance_rescale finite and in range; custom timesteps a
+        strictly descending list of training timesteps; the given tensors finite. A ``ValueError`` says which."""
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name} must be a positive int (pixels), got {value!r}.")
+        checks = (("guidance_scale", guidance_scale, -100.0, 100.0), ("eta", eta, 0.0, 1.0),
+                  ("guidance_rescale", guidance_rescale, 0.0, 1.0))
+        for name, value, low, high in checks:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}.")
+        for name, tensor in tensors.items():
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"`{name}` holds NaN or inf values; pass finite tensors.")
+        if timesteps is not None:
+            steps = timesteps.tolist() if torch.is_tensor(timesteps) else list(timesteps)
+            top = self.scheduler.config.num_train_timesteps
+            if (not steps or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < top
+                                 for t in steps)
+                    or any(a <= b for a, b in zip(steps, steps[1:]))):
+                raise ValueError(f"`timesteps` must be a non-empty, strictly descending list of ints in [0, {top - 1}]"
+                                 f", got {steps[:8]}{'...' if len(steps) > 8 else ''}.")
+
+    def check_inputs(
+        self, prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+        num_inference_steps, timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+    ) -> None:
+        self._check_size(height, width)
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -457,10 +485,11 @@ class LatentPipeline(DiffusionPipeline):
                                                                             guidance_scale)
         callback_on_step_end_tensor_inputs = getattr(callback_on_step_end, "tensor_inputs", None) or \
             callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(
-            prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds, num_inference_steps,
-            timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
-        )
+        self.check_values(height, width, guidance_scale, eta, guidance_rescale, timesteps, latents=latents,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
+        self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                          num_inference_steps, timesteps, num_images_per_prompt, output_type,
+                          callback_on_step_end_tensor_inputs)
         self._guidance_scale, self._guidance_rescale, self._interrupt = guidance_scale, guidance_rescale, False
         device = self._execution_device
 
@@ -473,6 +502,13 @@ class LatentPipeline(DiffusionPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         latents = self._denoise(latents, timesteps, text, self._scheduler_step_kwargs(generator, eta),
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return self._finish(latents, output_type, return_dict)
+
+    def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Final latents -> the requested output; non-finite latents are an error, not a black image."""
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("Sampling produced non-finite latents (NaN or inf): the denoiser or a step-end callback "
+                             "returned NaN/inf (e.g. fp16 overflow: try bfloat16 or float32).")
         if output_type == "latent":
             images = latents
         else:
@@ -487,8 +523,8 @@ class LatentPipeline(DiffusionPipeline):
         its own copy of the scheduler (its timesteps and step buffers), so calls from several threads are
         independent."""
         _call_state(self).scheduler = copy.deepcopy(self.scheduler)
-        height = height or self.denoiser.config.sample_size * self.vae_scale_factor
-        width = width or self.denoiser.config.sample_size * self.vae_scale_factor
+        height = self.denoiser.config.sample_size * self.vae_scale_factor if height is None else height
+        width = self.denoiser.config.sample_size * self.vae_scale_factor if width is None else width
         if num_inference_steps is None:
             num_inference_steps = int(getattr(self.scheduler.config, "num_distilled_steps", None) or 50)
         if guidance_scale is None:

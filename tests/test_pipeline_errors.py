@@ -198,3 +198,47 @@ def test_a_size_far_from_the_trained_one_warns(caplog):
         assert "trained at" not in caplog.text
         sample(pipe, height=256, width=256, num_inference_steps=1)
     assert "This denoiser was trained at 64x64 pixels; 256x256 is far from it" in caplog.text
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a number in"),
+    (dict(guidance_scale=1e30), "guidance_scale must be a number in"),
+    (dict(guidance_scale=NAN), "guidance_scale must be a number in"),
+    (dict(eta=1.5), "eta must be a number in \\[0, 1\\]"), (dict(eta=-1.0), "eta must be"), (dict(eta=NAN), "eta must"),
+    (dict(guidance_rescale=5.0), "guidance_rescale must be"), (dict(guidance_rescale=-1.0), "guidance_rescale must"),
+    (dict(height=0), "height must be a positive int"), (dict(width=-32), "width must be a positive int"),
+    (dict(height=32.0), "height must be a positive int"), (dict(height="32"), "height must be a positive int"),
+    (dict(timesteps=[]), "`timesteps` must be a non-empty, strictly descending"),
+    (dict(timesteps=[10, 500]), "strictly descending"), (dict(timesteps=[500, 500, 10]), "strictly descending"),
+    (dict(timesteps=[2000, 10]), "strictly descending list of ints in \\[0, 999\\]"),
+    (dict(timesteps=[500, -10]), "in \\[0, 999\\]"),
+])
+def test_out_of_range_and_non_finite_values_are_refused(unet_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sample(unet_pipe, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["latents", "prompt_embeds"])
+def test_non_finite_tensors_are_refused(unet_pipe, name):
+    import torch
+
+    bad = {"latents": torch.full((1, 4, 4, 4), NAN),
+           "prompt_embeds": torch.full((1, 77, unet_pipe.text_encoder.config.hidden_size), float("inf"))}[name]
+    kwargs = {name: bad}
+    if name == "prompt_embeds":
+        kwargs["prompt"] = None
+    with pytest.raises(ValueError, match=f"`{name}` holds NaN or inf"):
+        sample(unet_pipe, **kwargs)
+
+
+def test_a_callback_that_returns_nan_latents_is_an_error_not_a_black_image(unet_pipe):
+    import torch
+
+    def poison(pipe, i, t, tensors):
+        return {"latents": torch.full_like(tensors["latents"], NAN)}
+
+    with pytest.raises(ValueError, match="non-finite latents"):
+        sample(unet_pipe, callback_on_step_end=poison)
