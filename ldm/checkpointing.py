@@ -8,6 +8,7 @@ moment (even SIGKILL mid-save) leaves either the previous complete checkpoints o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,6 +42,54 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file in a checkpoint folder but the state file."""
+    return {str(f.relative_to(folder)): [f.stat().st_size, _sha256(f)] for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != STATE_FILE}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be resumed (unreadable state, a file missing, truncated or changed
+    since it was written), or None when it checks out. Checkpoints older than the manifest get the state check."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        missing = [k for k in ("step", "epoch", "batches_in_epoch") if k not in state]
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is unreadable ({err})"
+    if missing:
+        return f"{STATE_FILE} lacks {missing}"
+    for name, (size, sha) in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was written (truncated?)"
+        if _sha256(file) != sha:
+            return f"{name} changed since it was written (its sha256 differs)"
+    return None
+
+
+def latest_good_checkpoint(output_dir, exclude: Path | None = None) -> Path | None:
+    """The newest checkpoint that passes :func:`checkpoint_problem` (skipping ``exclude``), warning about each bad
+    one it passes over."""
+    for path in reversed(list_checkpoints(output_dir)):
+        if exclude is not None and path == exclude:
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("Skipping %s: %s.", path, problem)
+    return None
+
+
 def _fsync_write(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -69,6 +118,7 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     if accelerator.is_main_process:
         if ema is not None:
             state = dict(state, ema=save_ema(ema, tmp / EMA_FILE))
+        state = dict(state, files=manifest(tmp))  # size + sha256 of every file: `latest` checks them
         for hook in BEFORE_PUBLISH_HOOKS:
             hook(step, tmp)
         _fsync_write(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=2))
@@ -93,6 +143,34 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
     return final
 
 
+_LOCKS: dict[str, object] = {}  # output folder -> the open lock file this process holds
+
+
+def lock_output_dir(output_dir: str | os.PathLike) -> None:
+    """Take an exclusive lock on ``output_dir`` for this process's lifetime (released when it exits, even killed):
+    a second run writing to the same folder would interleave or replace the first one's checkpoints."""
+    import fcntl
+
+    root = Path(output_dir).resolve()
+    if str(root) in _LOCKS:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(f"Another run ({holder}) is writing to {root}; wait for it to finish or use another "
+                           "--output_dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _LOCKS[str(root)] = handle
+
+
 def remove_incomplete(output_dir: str | os.PathLike) -> None:
     """Delete leftovers of interrupted saves (main process only)."""
     root = Path(output_dir)
@@ -108,12 +186,15 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None, quiet
     if not resume_from:
         return None
     if resume_from == "latest":
-        found = list_checkpoints(output_dir)
-        if not found:
+        if not list_checkpoints(output_dir):
             (logger.info if quiet else logger.warning)(
                 "--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
             return None
-        return found[-1]
+        good = latest_good_checkpoint(output_dir)
+        if good is None:
+            raise ValueError(f"No checkpoint in {output_dir} passes its integrity check (see the warnings); "
+                             "delete them to start a new run there.")
+        return good
     path = Path(resume_from)
     if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
         path = Path(output_dir) / resume_from
@@ -122,6 +203,11 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from: str | None, quiet
             f"--resume_from_checkpoint {resume_from}: {path} is not a complete checkpoint (no {STATE_FILE}). "
             f"Complete ones: {[p.name for p in list_checkpoints(output_dir)] or 'none'}."
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        good = latest_good_checkpoint(output_dir, exclude=path)
+        raise ValueError(f"--resume_from_checkpoint {resume_from}: {path} is damaged: {problem}. "
+                         + (f"The newest good one is {good}." if good else "No other checkpoint is good."))
     return path
 
 
@@ -164,7 +250,14 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict:
     if ema is not None and not has_ema:
         raise ValueError(f"Checkpoint {path} has no EMA weights (it was trained without --use_ema): drop "
                          "--use_ema to resume it, or start a new run.")
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:
+        good = latest_good_checkpoint(path.parent, exclude=path)
+        raise ValueError(f"Cannot resume from {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+                         + (f"The newest other good checkpoint is {good}: resume from it with "
+                            f"--resume_from_checkpoint {good}." if good else "There is no other good checkpoint.")
+                         ) from err
     if ema is not None:
         load_ema(ema, path / EMA_FILE, state.get("ema", {}), path)
     return state

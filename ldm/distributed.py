@@ -55,9 +55,9 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
     transformers.utils.logging.set_verbosity_error()
     set_seed(seed)
     if accelerator.is_main_process:
-        from .checkpointing import remove_incomplete
+        from .checkpointing import lock_output_dir, remove_incomplete
 
-        output_dir.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(output_dir)  # one run per output folder
         remove_incomplete(output_dir)
     accelerator.wait_for_everyone()
     return accelerator
@@ -117,8 +117,3 @@ def check_in_sync(accelerator, model) -> None:
         raise RuntimeError(f"The processes ended with different weights (checksums {gathered.tolist()}).")
     logger.info("Weights identical on all %d processes (checksum %.10g)", accelerator.num_processes,
                 float(gathered[0]))
-
-
-def all_finite(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all processes get the same answer)."""
-    return bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all())

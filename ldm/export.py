@@ -58,7 +58,8 @@ def export_portable(source: str | Path, target: str | Path) -> Path:
     if target.resolve() == source.resolve():
         raise ValueError("Export to a new folder: the portable copy must not overwrite the original.")
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoint-*", ".tmp-*", "cache", "logs"))
+    skip = shutil.ignore_patterns("checkpoint-*", ".tmp-*", "cache", "logs", ".lock")
+    shutil.copytree(source, target, ignore=skip)
     index = json.loads(index_file.read_text())
     index["_class_name"] = ["pipeline_latent", "LatentPipeline"]
     _copy_code(PIPELINE_FILES, target, "pipeline_latent")

@@ -9,6 +9,8 @@ and exact resumption: the data order comes from the seedable sampler (``set_epoc
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,6 @@ import torch
 
 from .checkpointing import load_checkpoint, resolve_resume, save_checkpoint
 from .data.image_caption import SKIP_REASONS
-from .distributed import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class LoopConfig:
     desc: str = "Steps"
     log_prefix: str = ""  # tracker tags become f"{log_prefix}loss" ... (distill.py: one prefix per stage)
     always_resumes: bool = False  # "latest" is the script's default (distill.py), so a fresh start is no news
+    images_per_step: int = 0  # batch x accumulation x processes: logs images/s when set
+    history: list = field(default_factory=list)  # every step's logs, in order (as the trackers get them)
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -50,6 +53,10 @@ class LoopState:
     batches_done: int = 0
     micro_in_step: int = 0
     streamed: Counter = field(default_factory=Counter)  # this process's, since the start or the resume
+    loss_sum: object = 0.0  # this step's micro-batch losses so far (a device tensor: no host sync)
+    micro_batches: int = 0
+    logs: dict = field(default_factory=dict)
+    step_started: float | None = None
 
 
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
@@ -61,14 +68,14 @@ def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Gene
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # stable across Python versions
 
 
-def nan_error(output_dir: str | Path, step: int, loss: torch.Tensor) -> RuntimeError:
+def nan_error(output_dir: str | Path, step: int, loss: float) -> RuntimeError:
     """The error a run stops with when its loss stops being finite (nothing is saved after it)."""
     from .checkpointing import list_checkpoints
 
     found = list_checkpoints(output_dir)
     last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
     return RuntimeError(
-        f"The loss became {loss.item()} (non-finite) at step {step + 1}; training stopped without saving, {last}. "
+        f"The loss became {loss} (non-finite) at step {step + 1}; training stopped without saving, {last}. "
         "Resume from it with a lower --learning_rate or --max_grad_norm, or bf16 instead of fp16."
     )
 
@@ -123,16 +130,24 @@ def progress_state(accelerator, cfg: LoopConfig, state: LoopState) -> dict:
 
 def micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, params, cfg: LoopConfig,
                state: LoopState, progress):
-    """Forward, NaN check, backward, clipping and (when gradients sync) the optimizer step of one micro-batch."""
+    """Forward and backward of one micro-batch; when gradients sync, clipping, the step's one host sync (the loss
+    summed over micro-batches and processes, and the grad norm, checked finite before the update) and the update."""
     with accelerator.accumulate(model):
         out = loss_fn(batch, generator)
-        if not all_finite(accelerator, out.loss):
-            progress.close()
-            accelerator.end_training()
-            raise nan_error(cfg.output_dir, state.step, out.loss)
         accelerator.backward(out.loss)
-        if accelerator.sync_gradients and cfg.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        state.loss_sum = out.loss.detach().float() + state.loss_sum
+        state.micro_batches += 1
+        if accelerator.sync_gradients:
+            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            norm = torch.as_tensor(norm if norm is not None else float("nan"), device=accelerator.device).float()
+            rows = accelerator.gather(torch.stack([state.loss_sum, norm])[None]).tolist()  # (processes, 2)
+            loss = sum(r[0] for r in rows) / (len(rows) * state.micro_batches)
+            if not math.isfinite(loss):
+                progress.close()
+                accelerator.end_training()
+                raise nan_error(cfg.output_dir, state.step, loss)
+            state.logs = {"loss": loss, "grad_norm": rows[0][1]}
+            state.loss_sum, state.micro_batches = 0.0, 0
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -140,12 +155,18 @@ def micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, gene
 
 
 def end_of_step(accelerator, lr_scheduler, out, cfg: LoopConfig, state: LoopState, progress, ema, unwrapped) -> None:
-    """After an optimizer step: EMA, logs, progress bar, and the checkpoint when one is due."""
+    """After an optimizer step: EMA, logs (loss averaged over accumulation and processes, grad norm, images/s),
+    progress bar, and the checkpoint when one is due."""
     if ema is not None:
         ema.step(unwrapped.parameters())
     state.step += 1
-    logs = {"loss": out.loss.item(), "lr": lr_scheduler.get_last_lr()[0]}
+    now = time.perf_counter()
+    logs = dict(state.logs, lr=lr_scheduler.get_last_lr()[0])
+    if cfg.images_per_step and state.step_started is not None:
+        logs["images_per_s"] = cfg.images_per_step / max(now - state.step_started, 1e-9)
+    state.step_started = now
     logs.update(out.logs() if hasattr(out, "logs") else {})
+    cfg.history.append(logs)
     progress.update(1)
     progress.set_postfix(loss=f"{logs['loss']:.4f}")
     accelerator.log({cfg.log_prefix + k: v for k, v in logs.items()}, step=state.step)
@@ -182,6 +203,7 @@ def run_training(
     from tqdm.auto import tqdm
 
     state = resume(accelerator, cfg, ema)
+    state.step_started = time.perf_counter()
     unwrapped = accelerator.unwrap_model(model)
     progress = tqdm(total=cfg.max_train_steps, initial=state.step, desc=cfg.desc,
                     disable=not accelerator.is_local_main_process)

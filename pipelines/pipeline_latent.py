@@ -139,12 +139,14 @@ class LatentPipeline(DiffusionPipeline):
                            path, ", ".join(sorted(pickles)))
         kwargs.setdefault("use_safetensors", None if pickles else True)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except Exception as err:
             bad = _find_unreadable_weights(path)
             if bad is None:
                 raise
             raise OSError(f"Cannot load the weights file {bad[0]}: {bad[1]}") from err
+        _check_complete(pipe, path, kwargs.get("variant"))
+        return pipe
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
                           weight_name: str = "pytorch_lora_weights.safetensors", **kwargs) -> None:
@@ -616,6 +618,35 @@ def _check_local_folder(path: str) -> None:
     hint = f" Did you mean {', '.join(os.path.join(parent, c) for c in close)}?" if close else ""
     raise OSError(f"The pipeline folder {path} {problem}.{hint} Pass a folder written by "
                   "LatentPipeline.save_pretrained or a Hub id such as 'user/model'.")
+
+
+def _check_complete(pipe, path: str, variant: str | None) -> None:
+    """Every parameter of every model component came from its weights file (a file missing a tensor would leave
+    the parameter on the meta device, or randomly initialised in transformers): else an ``OSError`` naming both."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        return
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        files = [f for f in _weight_files(os.path.join(path, name)) if f.endswith(".safetensors") and
+                 (os.path.basename(f).endswith(f".{variant}.safetensors") if variant
+                  else os.path.basename(f).count(".") == 1)]
+        if not files:
+            continue
+        saved = set()
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                saved.update(f.keys())
+        if hasattr(module, "_fix_state_dict_keys_on_load"):
+            fixed = dict.fromkeys(saved)
+            module._fix_state_dict_keys_on_load(fixed)
+            saved = set(fixed)
+        missing = sorted(n for n, p in module.named_parameters() if n not in saved or p.is_meta)
+        if missing:
+            raise OSError(f"{', '.join(files)} lacks {len(missing)} of the {name}'s tensors ({', '.join(missing[:4])}"
+                          f"{', ...' if len(missing) > 4 else ''}): the file is incomplete; re-save or re-download it.")
 
 
 def _weight_files(path) -> list[str]:

@@ -192,3 +192,26 @@ def test_dit_checkpoint_of_the_old_layout_still_loads(inputs, tmp_path):
         expected = model(*inputs).sample
         torch.testing.assert_close(loaded(*inputs).sample, expected, rtol=0, atol=0)
         torch.testing.assert_close(other(*inputs).sample, expected, rtol=0, atol=0)
+
+
+def test_dit_positions_are_the_intended_coordinates_and_cached():
+    from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid, get_2d_sincos_pos_embed
+
+    model = tiny_dit()  # 8 x 8 latents, patch 2: a trained grid of 4 x 4
+    d = model.config.hidden_size
+
+    def table(rows, cols):  # token (i, j) at (rows[i], cols[j]); the first half encodes the column
+        r, c = torch.meshgrid(torch.tensor(rows, dtype=torch.float32), torch.tensor(cols, dtype=torch.float32),
+                              indexing="ij")
+        return torch.cat([get_1d_sincos_pos_embed_from_grid(d // 2, c.reshape(-1)),
+                          get_1d_sincos_pos_embed_from_grid(d // 2, r.reshape(-1))], dim=1).float()[None]
+
+    trained = get_2d_sincos_pos_embed(d, (4, 4), base_size=4, output_type="pt").float()[None]
+    torch.testing.assert_close(model.positions(4, 4, torch.device("cpu")), trained, rtol=0, atol=0)
+    torch.testing.assert_close(model.positions(2, 3, torch.device("cpu")), table([0, 1], [0, 1, 2]))
+    half = [0.5 * k for k in range(8)]
+    torch.testing.assert_close(model.positions(4, 8, torch.device("cpu")), table(half[:4], half))  # square patches
+    torch.testing.assert_close(model.positions(8, 8, torch.device("cpu")), table(half, half))  # within 0..3.5
+    assert model.positions(4, 8, torch.device("cpu")) is model.positions(4, 8, torch.device("cpu"))
+    x = torch.randn(1, 4, 8, 16)
+    assert model(x, torch.tensor([10]), torch.randn(1, 5, TEXT_WIDTH)).sample.shape == x.shape

@@ -242,3 +242,20 @@ def test_a_callback_that_returns_nan_latents_is_an_error_not_a_black_image(unet_
 
     with pytest.raises(ValueError, match="non-finite latents"):
         sample(unet_pipe, callback_on_step_end=poison)
+
+
+@pytest.mark.parametrize("component", ["denoiser", "vae", "text_encoder"])
+def test_a_weights_file_missing_a_tensor_is_an_error_naming_it(component, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ldm.tiny import tiny_pipeline
+
+    tiny_pipeline("dit").save_pretrained(tmp_path)
+    file = next((tmp_path / component).glob("*.safetensors"))
+    tensors = load_file(file)
+    dropped = sorted(tensors)[len(tensors) // 2]
+    del tensors[dropped]
+    save_file(tensors, file)
+    with pytest.raises(OSError, match=re.escape(str(file)) + f".*lacks 1 of the {component}'s tensors .*"
+                       + re.escape(dropped)):
+        LatentPipeline.from_pretrained(tmp_path)

@@ -113,7 +113,11 @@ class Run:
         return load_file(self.out / f"checkpoint-{step}" / "model.safetensors")
 
     def state(self, step: int) -> dict:
-        return json.loads((self.out / f"checkpoint-{step}" / "training_state.json").read_text())
+        """``training_state.json`` of a checkpoint without its file manifest (sizes and hashes)."""
+        state = json.loads((self.out / f"checkpoint-{step}" / "training_state.json").read_text())
+        files = state.pop("files")
+        assert "model.safetensors" in files and all(len(sha) == 64 for _, sha in files.values())
+        return state
 
 
 class _Messages(logging.Handler):
@@ -399,7 +403,8 @@ def _sigkill_during_save(env: Env) -> dict:
                  "c.BEFORE_PUBLISH_HOOKS.append(lambda step, tmp: step == 3 and os.kill(os.getpid(), signal.SIGKILL)); "
                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     killed = run_script([cmd[0], "-c", kill_at_3, *cmd[1:]], env.root)
-    left = {"checkpoints": [p.name for p in list_checkpoints(out)], "dirs": sorted(p.name for p in out.iterdir())}
+    left = {"checkpoints": [p.name for p in list_checkpoints(out)],
+            "dirs": sorted(p.name for p in out.iterdir() if p.name != ".lock")}
     resumed = run_script(cmd + ["--resume_from_checkpoint", "latest"], env.root)
     return {"out": out, "killed": killed, "left": left, "resumed": resumed}
 
@@ -547,8 +552,10 @@ def test_two_process_streaming_counts_bad_rows_once_and_resumes_exactly(scenario
         assert run[name].returncode == 0, (run[name].stdout + run[name].stderr)[-4000:]
         assert "Skipped 2 rows: 1 without a caption, 1 with an undecodable image" in run[name].stderr
 
-    def state(folder: str, step: int) -> dict:
-        return json.loads((env.root / folder / f"checkpoint-{step}" / "training_state.json").read_text())
+    def state(folder: str, step: int) -> dict:  # without the file manifest (pickled RNG states differ by run)
+        state = json.loads((env.root / folder / f"checkpoint-{step}" / "training_state.json").read_text())
+        state.pop("files")
+        return state
 
     # one file, 10 usable rows in rounds of 2 processes x batch 2: 2 batches each per epoch (the ragged rows dropped)
     assert state("stream-one-file", 3)["positions"] == [[1, 1], [1, 1]]
@@ -592,7 +599,7 @@ def test_stream_without_a_usable_row_fails_instead_of_looping(t2i, env):
 def test_lora_fine_tuning_writes_only_adapters(t2i, env, unet_epoch):
     run = train(t2i, env, "lora", "--pretrained_model_name_or_path", str(unet_epoch.out), "--lora_rank", "4",
                 "--learning_rate", "1e-2", "--max_train_steps", "2", denoiser=None)
-    written = {p.name for p in run.out.iterdir()} - {"checkpoint-2", "training_args.json"}
+    written = {p.name for p in run.out.iterdir()} - {"checkpoint-2", "training_args.json", ".lock"}
     assert written == {"pytorch_lora_weights.safetensors", "README.md"}
     adapters = load_file(run.out / "pytorch_lora_weights.safetensors")
     assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
@@ -828,3 +835,48 @@ def test_push_to_hub_offline_says_the_pipeline_was_saved(t2i, env, monkeypatch):
     with pytest.raises(RuntimeError, match="The pipeline was saved to .*pushing it to the Hub failed.*Push it later"):
         train(t2i, env, "push-offline", "--max_train_steps", "1", "--push_to_hub", "--hub_model_id", "me/x")
     assert (env.root / "push-offline" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bytes", "drop_epoch"])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_good_one(t2i, env, damage, caplog):
+    name = f"damaged-{damage}"
+    train(t2i, env, name, "--max_train_steps", "2", "--checkpointing_steps", "1")
+    newest = env.root / name / "checkpoint-2"
+    weights = newest / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "flip_bytes":
+        data = bytearray(weights.read_bytes())
+        data[-200:-136] = b"\xff" * 64
+        weights.write_bytes(bytes(data))
+    else:
+        state = json.loads((newest / "training_state.json").read_text())
+        del state["epoch"]
+        (newest / "training_state.json").write_text(json.dumps(state))
+    run = train(t2i, env, name, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                "--resume_from_checkpoint", "latest")
+    run.log(r"Skipping .*checkpoint-2: ")
+    run.log(r"Resumed from .*checkpoint-1 at step 1")
+    with pytest.raises(ValueError, match=r"checkpoint-2 is damaged: .*The newest good one is .*checkpoint-"):
+        if damage == "drop_epoch":  # the rerun above rewrote checkpoint-2; damage it again
+            state = json.loads((newest / "training_state.json").read_text())
+            del state["epoch"]
+            (newest / "training_state.json").write_text(json.dumps(state))
+        else:
+            weights.write_bytes(weights.read_bytes()[:-100])
+        train(t2i, env, name, "--max_train_steps", "3", "--resume_from_checkpoint", str(newest))
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(t2i, env):
+    out = env.root / "locked"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ldm.checkpointing import "
+                               f"lock_output_dir; lock_output_dir({str(out)!r}); print('locked', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RuntimeError, match=rf"Another run \(pid {holder.pid}\) is writing to .*locked"):
+            train(t2i, env, "locked", "--max_train_steps", "1")
+    finally:
+        holder.kill()
+        holder.wait()
+    train(t2i, env, "locked", "--max_train_steps", "1")  # free again once that run is gone

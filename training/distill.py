@@ -291,7 +291,9 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     work_dir = Path(args.output_dir) / f"work-{stage.folder}"
     loop = LoopConfig(work_dir, max_steps, args.checkpointing_steps, args.checkpoints_total_limit, "latest",
                       args.max_grad_norm, args.gradient_accumulation_steps, args.seed, desc=stage.folder,
-                      log_prefix=f"{stage.folder}/", always_resumes=True)
+                      log_prefix=f"{stage.folder}/", always_resumes=True,
+                      images_per_step=accelerator.num_processes * args.train_batch_size
+                      * args.gradient_accumulation_steps)
     logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps, peak learning rate %g", stage.folder,
                 stage.teacher_steps, stage.student_steps, " (guidance folded in)" if stage.guided_student else "",
                 max_steps, learning_rate)

@@ -207,7 +207,9 @@ def main(args: argparse.Namespace) -> Path:
                 args.max_train_steps / max(1, math.floor(len(loader) / args.gradient_accumulation_steps)))
     loop = LoopConfig(args.output_dir, args.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
-                      desc="CLIP steps")
+                      desc="CLIP steps",
+                      images_per_step=accelerator.num_processes * args.train_batch_size
+                      * args.gradient_accumulation_steps)
     run_training(accelerator, clip, optimizer, lr_scheduler, loader, partial(clip_step, args, clip, tokenizer),
                  params, loop)
     check_in_sync(accelerator, unwrapped)

@@ -319,7 +319,7 @@ def main(args: argparse.Namespace) -> Path:
     validation = Validation(args, accelerator, (unwrapped, ema, vae, text_encoder, tokenizer, objective.scheduler))
     loop = LoopConfig(output_dir, run.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
-                      skipped=run.skipped)
+                      skipped=run.skipped, images_per_step=total_batch)
     step = run_training(accelerator, run.denoiser, run.optimizer, run.lr_scheduler, run.loader,
                         partial(diffusion_step, run.denoiser, encoder, objective), run.params, loop, ema=ema,
                         after_step=validation)
@@ -435,7 +435,7 @@ def push_folder(folder: Path, repo_id: str, token: str | None) -> str:
     repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
     commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload ldm pipeline",
                            token=token, ignore_patterns=["checkpoint-*", ".tmp-checkpoint-*", "cache/*",
-                                                         "logs/*", "validation/*", "training_args.json"])
+                                                         "logs/*", "validation/*", "training_args.json", ".lock"])
     logger.info("Pushed %s to https://huggingface.co/%s", folder, repo_id)
     return str(commit)
 

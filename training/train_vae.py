@@ -194,7 +194,9 @@ def main(args: argparse.Namespace) -> Path:
 
     loop = LoopConfig(output_dir, args.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
-                      desc="VAE steps")
+                      desc="VAE steps",
+                      images_per_step=accelerator.num_processes * args.train_batch_size
+                      * args.gradient_accumulation_steps)
     run_training(accelerator, model, optimizer, lr_scheduler, loader, partial(vae_loss, args, model, lpips), params,
                  loop)
     unwrapped = accelerator.unwrap_model(model).vae.eval()

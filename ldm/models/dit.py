@@ -22,7 +22,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.attention_processor import Attention
-from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection, get_2d_sincos_pos_embed
+from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
@@ -159,11 +159,29 @@ class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         self._register_load_state_dict_pre_hook(lambda sd, prefix, *_: convert_legacy_state_dict(sd, prefix))
 
     def _sincos(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Fixed (1, grid_h * grid_w, D) 2D sin-cos position table (rows first)."""
-        pos = get_2d_sincos_pos_embed(
-            self.config.hidden_size, (grid_h, grid_w), base_size=grid_h, interpolation_scale=1.0, output_type="pt"
-        )
-        return pos.float().unsqueeze(0)
+        """Fixed (1, grid_h * grid_w, D) 2D sin-cos position table (rows first, row-major tokens).
+
+        Token (i, j) sits at (i s, j s) in units of a trained patch, s = min(1, base / max(grid_h, grid_w)) with
+        base the trained grid side: integer coordinates up to the trained size; a larger grid is spread over the
+        trained range instead of reaching positions never seen. One scale for both axes keeps patches square on
+        non-square grids. At the trained size this is DiT's table exactly.
+        """
+        base = self.config.sample_size // self.config.patch_size
+        scale = min(1.0, base / max(grid_h, grid_w))
+        rows = torch.arange(grid_h, dtype=torch.float32) * scale
+        cols = torch.arange(grid_w, dtype=torch.float32) * scale
+        grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # (2, H, W): column then row, as diffusers
+        return get_2d_sincos_pos_embed_from_grid(self.config.hidden_size, grid.reshape(2, 1, -1)).float()[None]
+
+    def positions(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+        """The position table of a grid, cached per (grid, device): the trained grid's is a buffer."""
+        if grid_h == grid_w == self.config.sample_size // self.config.patch_size:
+            return self.pos_embed
+        key = (grid_h, grid_w, str(device))
+        cache = self.__dict__.setdefault("_position_cache", {})
+        if key not in cache:
+            cache[key] = self._sincos(grid_h, grid_w).to(device)
+        return cache[key]
 
     def initialize_weights(self) -> None:
         """DiT's init: Xavier linears, zero biases, N(0, 0.02) embeddings, zero adaLN projections and output layer."""
@@ -210,8 +228,7 @@ class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
         b, _, h, w = sample.shape
         p = self.config.patch_size
         gh, gw = h // p, w // p
-        default_grid = self.config.sample_size // p
-        pos = self.pos_embed if gh == gw == default_grid else self._sincos(gh, gw).to(sample.device)
+        pos = self.positions(gh, gw, sample.device)  # (1, N, D)
         # (B, N, D), made contiguous once: a transposed residual stream would make every LayerNorm copy it
         x = self.patch_embed(sample).contiguous() + pos.to(sample.dtype)
         context = self.caption_projection(context)  # (B, L, D)

@@ -1,0 +1,70 @@
+"""``ldm.train_loop.run_training`` on a tiny real model: what it logs and checks per optimizer step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from ldm.distributed import make_accelerator
+from ldm.train_loop import LoopConfig, make_optimizer, run_training
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@dataclass
+class Out:
+    loss: torch.Tensor
+
+
+def setup(tmp_path, accumulation: int):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    accelerator = make_accelerator(tmp_path, gradient_accumulation_steps=accumulation, report_to="none")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    data = torch.utils.data.TensorDataset(torch.randn(12, 3), torch.randn(12, 1))
+    loader = torch.utils.data.DataLoader(data, batch_size=2, shuffle=True)
+    optimizer = make_optimizer(list(model.parameters()), 1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return accelerator, *accelerator.prepare(model, optimizer, loader, scheduler)
+
+
+def test_logged_loss_is_the_mean_over_accumulated_micro_batches(tmp_path):
+    accelerator, model, optimizer, loader, scheduler = setup(tmp_path, accumulation=3)
+    micro = []
+
+    def loss_fn(batch, generator):
+        x, y = batch
+        loss = (model(x) - y).pow(2).mean() * (1 + len(micro))  # every micro-batch differs
+        micro.append(loss.item())
+        return Out(loss)
+
+    cfg = LoopConfig(tmp_path, max_train_steps=2, checkpointing_steps=10, gradient_accumulation_steps=3,
+                     images_per_step=6)
+    run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, list(model.parameters()), cfg)
+    assert len(micro) == 6 and len(cfg.history) == 2
+    for step, logs in enumerate(cfg.history):
+        assert logs["loss"] == pytest.approx(sum(micro[3 * step: 3 * step + 3]) / 3, rel=1e-6)
+        assert logs["grad_norm"] > 0 and logs["images_per_s"] > 0 and logs["lr"] == pytest.approx(1e-2)
+
+
+def test_a_non_finite_micro_batch_stops_before_the_update(tmp_path):
+    accelerator, model, optimizer, loader, scheduler = setup(tmp_path, accumulation=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def loss_fn(batch, generator):
+        x, y = batch
+        calls.append(1)
+        loss = (model(x) - y).pow(2).mean()
+        return Out(loss * float("nan") if len(calls) == 1 else loss)  # the first micro-batch of step 1
+
+    cfg = LoopConfig(tmp_path, max_train_steps=2, checkpointing_steps=10, gradient_accumulation_steps=2)
+    with pytest.raises(RuntimeError, match="non-finite.*at step 1"):
+        run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, list(model.parameters()), cfg)
+    for old, new in zip(before, model.parameters()):
+        assert torch.equal(old, new.detach())
