@@ -789,10 +789,18 @@ def test_no_code_runs_from_a_checkpoint_folder(t2i, env, file, refused):
     the per-step generators, so it resumes exactly all the same)."""
     import pickle
 
+    from ldm.checkpointing import manifest
+
     run = _ema_run(t2i, env, f"crafted-{file}")
     marker = env.root / f"pwned-{file}"
-    (run.out / "checkpoint-1" / file).write_bytes(pickle.dumps({"state": _RunsCode(f"touch {marker}")}))
+    checkpoint = run.out / "checkpoint-1"
+    (checkpoint / file).write_bytes(pickle.dumps({"state": _RunsCode(f"touch {marker}")}))
     resume = ("--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--use_ema")
+    with pytest.raises(ValueError, match="passes its integrity check|no longer unpickles"):  # noticed
+        train(t2i, env, run.out.name, *resume)
+    state = json.loads((checkpoint / "training_state.json").read_text())  # an attacker can rewrite it too:
+    state["files"] = manifest(checkpoint)                                   # then the loaders must hold
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
     if refused:
         with pytest.raises(Exception):
             train(t2i, env, run.out.name, *resume)
