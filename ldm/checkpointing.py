@@ -113,34 +113,55 @@ def save_checkpoint(accelerator, output_dir: str | os.PathLike, step: int, state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _complete(tmp, state, step, ema)
+    except (OSError, RuntimeError) as err:  # a full disk shows as "enforce fail at inline_container.cc"
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_good_checkpoint(root)
+        free = shutil.disk_usage(root).free / 2 ** 30
+        raise RuntimeError(
+            f"Writing checkpoint-{step} to {root} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"{free:.2f} GiB are free there (a full disk?). "
+            + (f"The previous checkpoint {previous} is intact: " if previous else "No checkpoint was saved yet: ")
+            + "free some space and rerun with --resume_from_checkpoint latest.") from err
     if accelerator.is_main_process:
-        if ema is not None:
-            state = dict(state, ema=save_ema(ema, tmp / EMA_FILE))
-        state = dict(state, files=manifest(tmp))  # size + sha256 of every file: `latest` checks them
-        for hook in BEFORE_PUBLISH_HOOKS:
-            hook(step, tmp)
-        _fsync_write(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=2))
-        if final.exists():  # re-saving a step (e.g. after resuming): keep the old one until the new one is in place
-            old = root / f"{TMP_PREFIX}{step}-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        if total_limit is not None:
-            for old in list_checkpoints(root)[:-total_limit]:
-                logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(root, tmp, final, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _complete(tmp: Path, state: dict, step: int, ema) -> None:
+    """The EMA, the file manifest and (last, fsynced) the state file: the checkpoint is complete once it exists."""
+    if ema is not None:
+        state = dict(state, ema=save_ema(ema, tmp / EMA_FILE))
+    state = dict(state, files=manifest(tmp))  # size + sha256 of every file: `latest` checks them
+    for hook in BEFORE_PUBLISH_HOOKS:
+        hook(step, tmp)
+    _fsync_write(tmp / STATE_FILE, json.dumps(dict(state, step=step), indent=2))
+
+
+def _publish(root: Path, tmp: Path, final: Path, total_limit: int | None) -> None:
+    """Rename the complete temporary folder into place (atomically), then prune old checkpoints."""
+    if final.exists():  # re-saving a step (e.g. after resuming): keep the old one until the new one is in place
+        old = root / f"{TMP_PREFIX}{final.name.removeprefix(PREFIX)}-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    dir_fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if total_limit is not None:
+        for old in list_checkpoints(root)[:-total_limit]:
+            logger.info("Removing old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 _LOCKS: dict[str, object] = {}  # output folder -> the open lock file this process holds

@@ -59,6 +59,19 @@ class LoopState:
     step_started: float | None = None
 
 
+COUNTS = ("checkpointing_steps", "gradient_accumulation_steps", "max_train_steps", "train_batch_size",
+          "num_train_epochs", "validation_steps", "steps_per_round", "guidance_steps", "checkpoints_total_limit")
+
+
+def check_counts(args) -> None:
+    """Step and batch counts a script was given are whole numbers >= 1 (0 would divide by zero or save an untrained
+    model): a ``ValueError`` naming the flag."""
+    for name in COUNTS:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
+
+
 def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
     """The CPU generator of one micro-step on one process: every random draw of a step comes from it, so a resumed
     run repeats exactly the draws an uninterrupted one makes."""

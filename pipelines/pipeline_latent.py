@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def _takes(module, argument: str) -> bool:
+    """Whether a denoiser's forward takes ``argument``: ldm's take ``guidance``, diffusers' U-Nets do not."""
+    return argument in inspect.signature(module.forward).parameters
+
+
 def _call_state(pipe) -> threading.local:
     """The pipeline's per-thread call state (created on first use)."""
     state = pipe.__dict__.get("_ldm_call_state")
@@ -576,9 +581,9 @@ class LatentPipeline(DiffusionPipeline):
             context, mask, model_input = prompt_embeds, prompt_mask, latents
         model_input = self._sampler.scale_model_input(model_input, t)
         t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
+        extra = {"guidance": guidance} if _takes(self.denoiser, "guidance") else {}
         output = self.denoiser(model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,
-                               guidance=guidance, cross_attention_kwargs=self._cross_attention_kwargs,
-                               return_dict=False)[0]
+                               cross_attention_kwargs=self._cross_attention_kwargs, return_dict=False, **extra)[0]
         pred, variance = output[:, :latent_channels], output[:, latent_channels:]
         if self.do_classifier_free_guidance:
             pred_uncond, pred_cond = pred.chunk(2)

@@ -259,3 +259,22 @@ def test_a_weights_file_missing_a_tensor_is_an_error_naming_it(component, tmp_pa
     with pytest.raises(OSError, match=re.escape(str(file)) + f".*lacks 1 of the {component}'s tensors .*"
                        + re.escape(dropped)):
         LatentPipeline.from_pretrained(tmp_path)
+
+
+def test_a_diffusers_unet_works_as_the_denoiser():
+    """A Stable-Diffusion-style ``UNet2DConditionModel`` has diffusers' call signature (no ``guidance``): it samples
+    through LatentPipeline like an ldm denoiser."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ldm.tiny import TEXT_WIDTH, tiny_components
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=8).eval()
+    pipe = LatentPipeline(**{**tiny_components("unet"), "denoiser": unet})
+    pipe.set_progress_bar_config(disable=True)
+    images = sample(pipe)
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()

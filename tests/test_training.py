@@ -888,3 +888,31 @@ def test_a_second_run_on_the_same_output_folder_is_refused(t2i, env):
         holder.kill()
         holder.wait()
     train(t2i, env, "locked", "--max_train_steps", "1")  # free again once that run is gone
+
+
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(t2i, env):
+    import errno
+
+    import ldm.checkpointing as checkpointing
+
+    def full_at_2(step, tmp):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpointing.BEFORE_PUBLISH_HOOKS.append(full_at_2)
+    try:
+        with pytest.raises(RuntimeError, match=r"Writing checkpoint-2 .* failed .*GiB are free there \(a full disk\?\)"
+                                               r".*previous checkpoint .*checkpoint-1 is intact"):
+            train(t2i, env, "disk-full", "--max_train_steps", "3", "--checkpointing_steps", "1")
+    finally:
+        checkpointing.BEFORE_PUBLISH_HOOKS.remove(full_at_2)
+    out = env.root / "disk-full"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]
+    assert not list(out.glob(".tmp-checkpoint-*"))
+    assert checkpointing.checkpoint_problem(out / "checkpoint-1") is None
+
+
+@pytest.mark.parametrize("flag", ["--checkpointing_steps", "--gradient_accumulation_steps", "--max_train_steps"])
+def test_zero_counts_are_refused(t2i, env, flag):
+    with pytest.raises(ValueError, match=f"{flag} must be at least 1, got 0"):
+        t2i.parse_args(flags_for(env, env.root / "zero", "unet") + [flag, "0"])

@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--report_to", default="tensorboard")
     g.add_argument("--license", default="apache-2.0")
     args = p.parse_args(argv)
+    from ldm.train_loop import check_counts
+
+    check_counts(args)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Give --dataset_name or --train_data_dir (the images the teacher's prompts come from).")
     if not 0 < args.guidance_scale_min <= args.default_guidance_scale <= args.guidance_scale_max:

@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_args(args: argparse.Namespace) -> None:
+    from ldm.train_loop import check_counts
+
+    check_counts(args)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Give --dataset_name or --train_data_dir.")
     if args.pretrained_model_name_or_path is None and (args.vae is None or args.text_encoder is None):

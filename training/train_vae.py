@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--scaling_samples", type=int, default=512)
     g.add_argument("--report_to", default="tensorboard")
     args = p.parse_args(argv)
+    from ldm.train_loop import check_counts
+
+    check_counts(args)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Give --dataset_name or --train_data_dir.")
     from ldm.latents import vae_scale_factor
