@@ -152,3 +152,49 @@ def test_list_captions_draw_one_caption_per_step_the_same_with_and_without_the_c
     encoder(single, g1)  # single captions take no caption draw: the stream goes on as without lists
     encoder({k: v for k, v in single.items() if k != "caption_lists"}, g2)
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+def test_bad_metadata_lines_are_counted_skips_not_a_crash(tmp_path):
+    """A caption of another type, a malformed JSON line, a ../ or absolute file_name, a FIFO named *.png: each is a
+    counted skip; the good rows train."""
+    import os
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(png_bytes(seed=i))
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a fox {i}"}))
+    lines += [json.dumps({"file_name": "0.png", "text": 5}), json.dumps({"file_name": "1.png", "text": True}),
+              json.dumps({"file_name": "2.png", "text": ["a fox", 3]}), '{"file_name": "3.png", "text": "a cat"',
+              json.dumps({"file_name": "../secret.png", "text": "x"}),
+              json.dumps({"file_name": str(folder / "0.png"), "text": "x"}), json.dumps({"text": "no file"})]
+    os.mkfifo(folder / "fifo.png")
+    lines.append(json.dumps({"file_name": "fifo.png", "text": "a pipe"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    ds, collator, skipped = prepare_training_dataset(DataArgs(train_data_dir=str(folder), resolution=32,
+                                                              cache_dir=str(tmp_path / "hf")))
+    assert len(ds) == 5  # 4 good rows + the list with one string caption ("a fox")
+    assert skipped == {"no_caption": 2, "bad_row": 4, "bad_image": 1}
+    batch = collator([ds[i] for i in range(len(ds))])
+    assert batch["pixel_values"].shape == (5, 3, 32, 32)
+
+
+def test_an_empty_metadata_file_is_a_clear_error(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="its metadata.jsonl has no usable line"):
+        prepare_training_dataset(DataArgs(train_data_dir=str(tmp_path), resolution=32))
+
+
+@pytest.mark.parametrize("mode, array", [
+    ("I;16", np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)),
+    ("F", np.linspace(0, 1, 64 * 64).reshape(64, 64).astype(np.float32)),
+])
+def test_high_bit_depth_images_are_scaled_not_clipped(mode, array):
+    from ldm.data.image_caption import decode_image
+
+    image = PIL.Image.fromarray(array)
+    assert image.mode == mode
+    rgb = np.asarray(decode_image(image)).astype(float)
+    assert rgb.shape == (64, 64, 3)
+    assert 120 < rgb.mean() < 135 and rgb.min() == 0 and rgb.max() == 255  # the ramp's mid-grey, not all white

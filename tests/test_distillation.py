@@ -635,3 +635,15 @@ def test_distillation_loss_decreases_on_a_fixed_batch():
         value.backward()
         optimizer.step()
     assert loss().item() < 0.3 * first
+
+
+def test_a_stage_resumes_only_with_the_arguments_it_started_with(script, tmp_path):
+    base = ["--teacher", "teacher-a", "--dataset_name", "shapes", "--output_dir", str(tmp_path)]
+    args = script.parse_args(base)
+    stage = script.plan_stages(args)[0]
+    work = tmp_path / f"work-{stage.folder}"
+    script.check_stage_arguments(args, stage, work)  # first run: recorded
+    script.check_stage_arguments(script.parse_args(base), stage, work)  # the same arguments resume
+    changed = script.parse_args(base[:1] + ["teacher-b"] + base[2:] + ["--learning_rate", "1e-3"])
+    with pytest.raises(ValueError, match=r"--teacher 'teacher-a' -> 'teacher-b', --learning_rate 5e-05 -> 0.001"):
+        script.check_stage_arguments(changed, stage, work)

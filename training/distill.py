@@ -241,6 +241,31 @@ def distillation_step(m: StageModels, batch: dict, generator: torch.Generator):
     return LossOutput(loss=loss, mse=(x_pred.detach() - target).pow(2).mean())
 
 
+STAGE_ARGUMENTS = ("teacher", "revision", "teacher_steps", "rounds", "steps_per_round", "guidance_distillation",
+                   "guidance_steps", "guidance_learning_rate", "guidance_scale_min", "guidance_scale_max",
+                   "caption_dropout", "dataset_name", "train_data_dir", "max_train_samples", "resolution",
+                   "random_flip", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "use_ema",
+                   "ema_decay", "seed", "mixed_precision")
+
+
+def check_stage_arguments(args, stage: Stage, work_dir: Path) -> None:
+    """A stage's work folder resumes only a run with the same defining arguments: they are written to
+    ``stage_args.json`` when it starts and compared on every re-run (a changed ``--teacher`` would otherwise
+    silently continue the old run)."""
+    wanted = {k: getattr(args, k) for k in STAGE_ARGUMENTS} | {"stage": stage.name}
+    record = work_dir / "stage_args.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        if changed:
+            detail = ", ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"{work_dir} holds a run of this stage started with other arguments ({detail}). "
+                             "Delete that folder to start the stage again with the new ones, or rerun with the old.")
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(wanted, indent=2))
+
+
 def prepare_stage(args, accelerator, stage: Stage, student, vae, text_encoder, tokenizer, resolution: int):
     """The stage's data, optimizer, linear-to-zero learning rate and EMA, prepared by accelerate."""
     from diffusers.optimization import get_scheduler
@@ -292,6 +317,9 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     encoder = BatchEncoder(vae, text_encoder, tokenizer, args.random_flip)
     models = StageModels(args, accelerator, stage, teacher, student, encoder, teacher_sched, student_sched)
     work_dir = Path(args.output_dir) / f"work-{stage.folder}"
+    if accelerator.is_main_process:
+        check_stage_arguments(args, stage, work_dir)
+    accelerator.wait_for_everyone()
     loop = LoopConfig(work_dir, max_steps, args.checkpointing_steps, args.checkpoints_total_limit, "latest",
                       args.max_grad_norm, args.gradient_accumulation_steps, args.seed, desc=stage.folder,
                       log_prefix=f"{stage.folder}/", always_resumes=True,

@@ -12,7 +12,9 @@ flips are left to the training step, which draws them from its own seeded genera
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("no_caption", "bad_image")
+SKIP_REASONS = ("no_caption", "bad_image", "bad_row")  # bad_row: a malformed metadata line or an unsafe file_name
 _CAPTION_COLUMNS = ("text", "caption", "captions", "prompt")
 BUILTIN_DATASETS = ("shapes",)
 
@@ -73,11 +75,13 @@ def add_data_arguments(parser, resolution: int | None, resolution_help: str = "t
 
 
 def load_raw_dataset(args: DataArgs, split: str = "train"):
-    """The data set (map-style or streaming) with its image column left undecoded, and the resolved column names."""
+    """The data set (map-style or streaming) with its image column left undecoded, the resolved column names, and
+    the Counter of metadata lines an imagefolder could not use (``bad_row``)."""
     import datasets
 
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("Give either --dataset_name or --train_data_dir, not both.")
+    dropped = Counter()
     if args.dataset_name in BUILTIN_DATASETS:
         from .shapes import load_shapes_dataset
 
@@ -89,9 +93,8 @@ def load_raw_dataset(args: DataArgs, split: str = "train"):
         ds = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=split,
                                    cache_dir=args.cache_dir, streaming=args.streaming)
     elif args.train_data_dir is not None:
-        check_imagefolder(args.train_data_dir)
-        ds = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split=split,
-                                   cache_dir=args.cache_dir, streaming=args.streaming)
+        ds, dropped = read_imagefolder(args.train_data_dir, split, args.caption_column)
+        ds = ds.to_iterable_dataset() if args.streaming else ds
     else:
         raise ValueError("Give the training data: --dataset_name (Hub id, local dataset folder/script or 'shapes') "
                          "or --train_data_dir (an imagefolder with a metadata.jsonl of captions).")
@@ -108,19 +111,88 @@ def load_raw_dataset(args: DataArgs, split: str = "train"):
     if args.max_train_samples is not None and args.dataset_name not in BUILTIN_DATASETS:
         ds = ds.take(args.max_train_samples) if args.streaming else \
             ds.select(range(min(args.max_train_samples, len(ds))))
-    return ds, image_column, caption_column
+    return ds, image_column, caption_column, dropped
 
 
-def check_imagefolder(folder: str) -> None:
+def read_imagefolder(folder: str, split: str = "train", caption_column: str | None = None):
+    """An ``imagefolder`` (PNGs + ``metadata.jsonl``; ``<folder>/<split>/`` when the folder has split folders) as
+    a map-style data set of undecoded images and caption lists, read line by line so one bad row cannot abort the
+    set: a malformed JSON line or a ``file_name`` outside the folder is dropped and counted (``bad_row``), a caption
+    that is not a string (or list of strings) becomes no caption (counted later as ``no_caption``). Returns the data
+    set and the Counter of dropped rows."""
+    import datasets
+
+    root = check_imagefolder(folder, split)
+    rows, skipped, columns = [], Counter(), {}
+    for meta in sorted(root.rglob("metadata.jsonl")):
+        for number, line in enumerate(meta.read_text(errors="replace").splitlines(), 1):
+            row = _metadata_row(meta, number, line, root, skipped, caption_column)
+            if row is not None:
+                rows.append(row)
+                columns.update(dict.fromkeys(row))
+    if not rows:
+        raise ValueError(f"--train_data_dir {folder}: its metadata.jsonl has no usable line ({dict(skipped)} dropped);"
+                         ' each line must be {"file_name": "0001.png", "text": "a caption"}.')
+    features = _uniform_columns(rows, list(columns))
+    if sum(skipped.values()):
+        logger.warning("Dropped %d metadata lines of %s: %s", sum(skipped.values()), folder, dict(skipped))
+    return datasets.Dataset.from_list(rows, features=features), skipped
+
+
+def _uniform_columns(rows: list[dict], columns: list[str]):
+    """Give every row every column, in one type per column (JSON lets rows disagree; Arrow does not): the image,
+    lists of strings where every row has a list, strings otherwise. Returns the features."""
+    import datasets
+
+    lists = {k for k in columns if k != "image" and any(isinstance(r.get(k), list) for r in rows)
+             and all(isinstance(r.get(k), list) or r.get(k) is None for r in rows)}
+    for row in rows:
+        for key in columns:
+            value = row.get(key)
+            if key == "image":
+                continue
+            if key in lists:
+                row[key] = [v if isinstance(v, str) else json.dumps(v) for v in value or []]
+            else:
+                row[key] = None if value is None else value if isinstance(value, str) else json.dumps(value)
+    return datasets.Features({k: datasets.Image(decode=False) if k == "image" else
+                              datasets.Sequence(datasets.Value("string")) if k in lists else
+                              datasets.Value("string") for k in columns})
+
+
+def _metadata_row(meta: Path, number: int, line: str, root: Path, skipped: Counter,
+                  caption_column: str | None = None) -> dict | None:
+    """One metadata line -> a row (``image`` path, ``text`` caption list, the other columns), or None (counted)."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+        name = row.pop("file_name")
+        path = (meta.parent / name).resolve()
+        if not isinstance(name, str) or os.path.isabs(name) or not path.is_relative_to(root.resolve()):
+            raise ValueError(f"file_name {name!r} points outside {root}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        skipped["bad_row"] += 1
+        logger.debug("%s line %d dropped: %s", meta, number, err)
+        return None
+    column = caption_column or next((c for c in _CAPTION_COLUMNS if c in row), "text")
+    captions = {column: caption_options(row[column])} if column in row else {}
+    return {"image": {"path": str(path), "bytes": None}, **row, **captions}
+
+
+def check_imagefolder(folder: str, split: str = "train") -> Path:
     """A clear error for an ``--train_data_dir`` that is missing or has no captions file."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"--train_data_dir {folder} is not a folder.")
-    if not any(root.rglob("metadata.jsonl")) and not any(root.rglob("metadata.csv")):
+    if (root / split / "metadata.jsonl").is_file():
+        root = root / split
+    if not any(root.rglob("metadata.jsonl")):
         raise ValueError(
             f"--train_data_dir {folder} has no metadata.jsonl, so its images have no captions. Add one line per "
             'image: {"file_name": "0001.png", "text": "a red fox"} ("text" may also be a list of captions, one of '
             "which is drawn per step); see datasets' imagefolder documentation.")
+    return root
 
 
 def pick_caption(value) -> str | None:
@@ -143,13 +215,27 @@ def decode_image(value) -> Image.Image:
     """
     if isinstance(value, Image.Image):
         image = value
-    elif isinstance(value, dict):
-        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    elif isinstance(value, str):
-        image = Image.open(value)
+    elif isinstance(value, dict) and value.get("bytes"):
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, (dict, str)):
+        path = value["path"] if isinstance(value, dict) else value
+        if not os.path.isfile(path):  # a FIFO or device named *.png would block the read forever
+            raise ValueError(f"{path} is not a regular file")
+        image = Image.open(path)
     else:
         raise ValueError(f"not an image: {type(value).__name__}")
     image.load()
+    return to_rgb8(image)
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel; 16-bit, 32-bit integer and float images are scaled, not clipped (PIL's
+    ``convert("RGB")`` maps a 0..65535 ramp to almost all white)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or (image.mode == "I" and array.max() <= 65535) else \
+            1.0 if image.mode == "F" and array.max() <= 1.0 else float(max(array.max(), 1.0))
+        image = Image.fromarray((array / top * 255).clip(0, 255).round().astype(np.uint8))
     return image.convert("RGB")
 
 
@@ -193,8 +279,9 @@ def drop_bad_rows(ds, image_column: str, caption_column: str, num_proc: int | No
 def log_skipped(counts: Counter, total: int | None = None) -> None:
     if sum(counts.values()):
         of = f" of {total}" if total is not None else ""
-        logger.warning("Skipped %d rows%s: %d without a caption, %d with an undecodable image.",
-                       sum(counts.values()), of, counts["no_caption"], counts["bad_image"])
+        logger.warning("Skipped %d rows%s: %d without a caption, %d with an undecodable image, %d bad metadata "
+                       "lines.", sum(counts.values()), of, counts["no_caption"], counts["bad_image"],
+                       counts["bad_row"])
 
 
 class StreamingRowFilter:
@@ -245,13 +332,14 @@ class ImageCaptionCollator:
 
 def prepare_training_dataset(args: DataArgs, num_proc: int | None = None):
     """Load, check and shuffle-ready the data: returns (data set, collator, Counter of up-front skipped rows)."""
-    ds, image_column, caption_column = load_raw_dataset(args)
+    ds, image_column, caption_column, dropped = load_raw_dataset(args)
     if args.streaming:
         ds = ds.map(StreamingRowFilter(image_column, caption_column), batched=True, batch_size=64)
         ds = ds.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
-        counts = Counter()
+        counts = dropped
     else:
         ds, counts = drop_bad_rows(ds, image_column, caption_column, num_proc=num_proc)
+        counts.update(dropped)
         if len(ds) == 0:
             raise ValueError("No usable rows: every row lacks a caption or has an undecodable image.")
     return ds, ImageCaptionCollator(image_column, caption_column, args.resolution), counts
