@@ -25,11 +25,13 @@ import torch
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="pipeline folder or Hub id")
+    p.add_argument("--model", default=None, help="pipeline folder or Hub id (required but with --clip_only)")
     p.add_argument("--suite", choices=["shapes", "emoji"], default="shapes")
     p.add_argument("--clip", default="models/emoji-clip", help="emoji suite: the project CLIP (CLIPModel folder)")
     p.add_argument("--data_dir", default="data/emoji", help="emoji suite: the imagefolder of ldm.data.emoji")
     p.add_argument("--sets", nargs="+", default=["train", "heldout", "natural"], help="emoji suite: prompt sets")
+    p.add_argument("--clip_only", action="store_true",
+                   help="emoji suite: only the CLIP's own retrieval on the real renders (no --model needed)")
     p.add_argument("--split", choices=["heldout", "validation", "train"], default="heldout")
     p.add_argument("--num_prompts", type=int, default=96)
     p.add_argument("--steps", type=int, default=None, help="default: 50, or the distilled step count")
@@ -45,7 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip_score", default=None,
                    help="CLIP model id/folder for CLIP score (pip install 'ldm-hf[eval]' and its weights)")
     p.add_argument("--output", default=None, help="write a PNG grid here and the JSON next to it")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model is None and not args.clip_only:
+        p.error("--model is required (or --suite emoji --clip_only)")
+    return args
 
 
 def prompts_for(split: str, n: int, seed: int = 0) -> list[tuple[str, dict]]:
@@ -83,15 +88,32 @@ def save_grid(images: list, path: Path, cols: int = 8) -> None:
     make_image_grid(images + [blank] * (rows * cols - len(images)), rows, cols).save(path)
 
 
-def evaluate_emoji_suite(args, pipe) -> dict:
-    """The emoji suite: one report per set, a grid per set next to ``--output``."""
+def load_clip(path: str):
     from transformers import CLIPModel, CLIPTokenizer
 
+    clip = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else path)
+    return clip, tokenizer
+
+
+def evaluate_clip_only(args) -> dict:
+    """The CLIP's own retrieval on the real renders of the held-out (test) and validation splits."""
+    from ldm.eval.emoji_suite import render_retrieval
+
+    clip, tokenizer = load_clip(args.clip)
+    report = {"clip": args.clip, **{split: render_retrieval(clip, tokenizer, args.data_dir, split)
+                                    for split in ("test", "validation")}}
+    if args.output:
+        Path(args.output).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def evaluate_emoji_suite(args, pipe) -> dict:
+    """The emoji suite: one report per set, a grid per set next to ``--output``."""
     from ldm.eval.emoji_suite import evaluate_emoji
 
-    clip = CLIPModel.from_pretrained(args.clip, use_safetensors=True).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(Path(args.clip) / "tokenizer" if (Path(args.clip) / "tokenizer").is_dir()
-                                              else args.clip)
+    clip, tokenizer = load_clip(args.clip)
     result = evaluate_emoji(pipe, clip, tokenizer, args.data_dir, args.sets, args.num_prompts, args.steps,
                             args.guidance_scale, args.seed, args.batch_size)
     images = result.pop("images")
@@ -116,6 +138,8 @@ def main(args: argparse.Namespace) -> dict:
     from pipelines import LatentPipeline
 
     set_threads(args.threads)
+    if args.clip_only:
+        return evaluate_clip_only(args)
     pipe = LatentPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)

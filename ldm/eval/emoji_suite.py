@@ -122,6 +122,30 @@ def score(clip, tokenizer, images, pairs: list[tuple[str, dict]], concept_emb, h
     }
 
 
+@torch.no_grad()
+def render_retrieval(clip, tokenizer, data_dir, split: str, base_only: bool = True) -> dict:
+    """The CLIP's own image -> concept retrieval on the real renders of a split (top-1 / top-5 over all concepts),
+    overall and by group: how well it knows the concepts, before any generated image is scored with it."""
+    from PIL import Image
+
+    from ..data.image_caption import image_to_tensor
+    from .clip_metrics import concept_embeddings, image_embeddings, retrieval
+
+    rows = load_rows(data_dir)
+    hexcodes, caption_lists, groups = concepts(rows)
+    picked = [r for r in rows[split] if not base_only or r.get("variant", 0) == 0]
+    size = clip.config.vision_config.image_size
+    pixels = torch.stack([image_to_tensor(Image.open(r["path"]).convert("RGB"), size) for r in picked])
+    found = retrieval(image_embeddings(clip, pixels), concept_embeddings(clip, tokenizer, caption_lists),
+                      torch.tensor([hexcodes.index(r["hexcode"]) for r in picked]))
+    by_group = defaultdict(list)
+    for rank, r in zip(found["ranks"], picked):
+        by_group[groups[r["hexcode"]]].append(rank)
+    return {"split": split, "n": len(picked), "top1": found["top1"], "top5": found["top5"],
+            "by_group": {g: {"n": len(v), "top1": sum(k < 1 for k in v) / len(v), "top5": sum(k < 5 for k in v) / len(v)}
+                         for g, v in sorted(by_group.items())}}
+
+
 def evaluate_emoji(pipe, clip, tokenizer, data_dir, sets=SETS, num_prompts: int = 96, steps=None,
                    guidance_scale=None, seed: int = 0, batch_size: int = 16) -> dict:
     """{set: figures} for a pipeline (module docstring), plus the images per set under ``"images"``."""
