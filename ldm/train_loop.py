@@ -63,6 +63,28 @@ COUNTS = ("checkpointing_steps", "gradient_accumulation_steps", "max_train_steps
           "num_train_epochs", "validation_steps", "steps_per_round", "guidance_steps", "checkpoints_total_limit")
 
 
+def add_loop_arguments(parser, output_dir: str, batch: int, steps: int, learning_rate: float, warmup: int,
+                       checkpointing: int):
+    """The optimisation and output flags of the scripts built on :func:`run_training` (``train_vae.py``,
+    ``train_clip.py``), with each script's defaults; returns the optimisation group for its own extras."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--train_batch_size", type=int, default=batch)
+    g.add_argument("--max_train_steps", type=int, default=steps)
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--learning_rate", type=float, default=learning_rate)
+    g.add_argument("--lr_warmup_steps", type=int, default=warmup)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    g.add_argument("--seed", type=int, default=0)
+    out = parser.add_argument_group("output")
+    out.add_argument("--output_dir", default=output_dir)
+    out.add_argument("--checkpointing_steps", type=int, default=checkpointing)
+    out.add_argument("--checkpoints_total_limit", type=int, default=2)
+    out.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    out.add_argument("--report_to", default="tensorboard")
+    return g
+
+
 def check_counts(args) -> None:
     """Step and batch counts a script was given are whole numbers >= 1 (0 would divide by zero or save an untrained
     model): a ``ValueError`` naming the flag."""

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from ldm.recipes import add_recipe_arguments, run
+
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 
@@ -52,17 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DiT width, depth, heads (patch 2); the default matches the U-Net's FLOPs per image")
     p.add_argument("--guidance_steps", type=int, default=3000)
     p.add_argument("--distill_steps", type=int, default=1000)
-    p.add_argument("--guidance_scale", type=float, default=4.0, help="the bundled models' default guidance")
-    p.add_argument("--eval_prompts", type=int, default=96)
-    p.add_argument("--mixed_precision", default="bf16")
-    p.add_argument("--seed", type=int, default=0)
+    add_recipe_arguments(p, "bf16")
     return p.parse_args(argv)
-
-
-def run(script: str, *args) -> None:
-    cmd = [sys.executable, *([str(HERE / script)] if script.endswith(".py") else ["-m", script]), *map(str, args)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def stage_data(args, work: Path) -> None:

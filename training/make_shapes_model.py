@@ -22,12 +22,11 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from ldm.recipes import add_recipe_arguments, run
+
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,21 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill_steps", type=int, default=500, help="optimizer steps per halving round")
     p.add_argument("--distill_batch_size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--guidance_scale", type=float, default=4.0, help="the bundled models' default guidance")
-    p.add_argument("--eval_prompts", type=int, default=96)
-    p.add_argument("--mixed_precision", default="no")
-    p.add_argument("--seed", type=int, default=0)
+    add_recipe_arguments(p, "no")
     return p.parse_args(argv)
 
 
 VALIDATION_PROMPTS = ("a red circle on a white background", "a blue square on a black background",
                       "a green triangle on a gray background", "a yellow circle on a blue background")
-
-
-def run(script: str, *args) -> None:
-    cmd = [sys.executable, str(HERE / script), *map(str, args)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def make_text_encoder(args, work: Path) -> Path:

@@ -30,6 +30,7 @@ logger = logging.getLogger("train_clip")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from ldm.data.image_caption import add_data_arguments
+    from ldm.train_loop import add_loop_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(p, 64)
@@ -45,22 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--patch_size", type=int, default=8)
     g.add_argument("--heads", type=int, default=4)
     g.add_argument("--projection_dim", type=int, default=256)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=128)
-    g.add_argument("--max_train_steps", type=int, default=4000)
-    g.add_argument("--learning_rate", type=float, default=5e-4)
-    g.add_argument("--lr_warmup_steps", type=int, default=200)
+    g = add_loop_arguments(p, "ldm-clip", batch=128, steps=4000, learning_rate=5e-4, warmup=200, checkpointing=500)
     g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="ldm-clip")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=2)
-    g.add_argument("--resume_from_checkpoint", default=None)
-    g.add_argument("--report_to", default="tensorboard")
     args = p.parse_args(argv)
     from ldm.train_loop import check_counts
 

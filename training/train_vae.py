@@ -26,6 +26,7 @@ logger = logging.getLogger("train_vae")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from ldm.data.image_caption import add_data_arguments
+    from ldm.train_loop import add_loop_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_arguments(p, 64)
@@ -43,23 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mse_weight", type=float, default=1.0)
     g.add_argument("--l1_weight", type=float, default=1.0)
     g.add_argument("--perceptual_weight", type=float, default=0.0, help="LPIPS weight (needs its VGG weights)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train_batch_size", type=int, default=32)
-    g.add_argument("--max_train_steps", type=int, default=3000)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--learning_rate", type=float, default=1e-3)
+    g = add_loop_arguments(p, "ldm-vae", batch=32, steps=3000, learning_rate=1e-3, warmup=100, checkpointing=1000)
     g.add_argument("--lr_scheduler", default="cosine")
-    g.add_argument("--lr_warmup_steps", type=int, default=100)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", default="ldm-vae")
-    g.add_argument("--checkpointing_steps", type=int, default=1000)
-    g.add_argument("--checkpoints_total_limit", type=int, default=2)
-    g.add_argument("--resume_from_checkpoint", default=None)
-    g.add_argument("--scaling_samples", type=int, default=512)
-    g.add_argument("--report_to", default="tensorboard")
+    g.add_argument("--scaling_samples", type=int, default=512, help="images whose latents set scaling_factor")
     args = p.parse_args(argv)
     from ldm.train_loop import check_counts
 
