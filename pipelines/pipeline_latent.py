@@ -137,6 +137,7 @@ class LatentPipeline(DiffusionPipeline):
         """
         path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
         _check_local_folder(path)
+        _check_model_index(path)
         pickles = _pickle_only_weights(path)
         if pickles:
             logger.warning("%s has no safetensors weights for %s; loading the pickled .bin files with torch's "
@@ -652,6 +653,34 @@ def _check_complete(pipe, path: str, variant: str | None) -> None:
         if missing:
             raise OSError(f"{', '.join(files)} lacks {len(missing)} of the {name}'s tensors ({', '.join(missing[:4])}"
                           f"{', ...' if len(missing) > 4 else ''}): the file is incomplete; re-save or re-download it.")
+
+
+def _check_model_index(path: str) -> None:
+    """A local ``model_index.json`` must be an object of ``[library, class]`` pairs, with a scheduler that is a
+    scheduler class: else an ``OSError`` saying what is wrong (diffusers fails with an unrelated traceback)."""
+    import json
+
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        return
+    try:
+        index = json.loads(open(index_file).read())
+    except ValueError as err:
+        raise OSError(f"{index_file} is not valid JSON ({err}).") from err
+    if not isinstance(index, dict):
+        raise OSError(f"{index_file} holds a {type(index).__name__}, not an object of components.")
+    for name, entry in index.items():
+        if name.startswith("_") or entry is None or entry == [None, None]:
+            continue
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
+            raise OSError(f"{index_file}: component {name!r} is {entry!r}; each must be [library, class name].")
+    scheduler = index.get("scheduler")
+    if isinstance(scheduler, list) and scheduler[0] == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, scheduler[1], None)
+        if cls is not None and not issubclass(cls, SchedulerMixin):
+            raise OSError(f"{index_file}: the scheduler entry names {scheduler[1]}, which is not a scheduler.")
 
 
 def _weight_files(path) -> list[str]:

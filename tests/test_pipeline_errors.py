@@ -278,3 +278,19 @@ def test_a_diffusers_unet_works_as_the_denoiser():
     pipe.set_progress_bar_config(disable=True)
     images = sample(pipe)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("index, message", [
+    ([["diffusers", "AutoencoderKL"]], "holds a list, not an object of components"),
+    ({"scheduler": ["diffusers", "AutoencoderKL"]}, "the scheduler entry names AutoencoderKL, which is not a scheduler"),
+    ({"vae": "diffusers"}, "component 'vae' is 'diffusers'; each must be \\[library, class name\\]"),
+])
+def test_a_malformed_model_index_is_a_clear_error(saved_pipes, tmp_path, index, message):
+    import json
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipes["unet"], folder)
+    original = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index if isinstance(index, list) else {**original, **index}))
+    with pytest.raises(OSError, match=message):
+        LatentPipeline.from_pretrained(folder)
