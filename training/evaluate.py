@@ -91,7 +91,7 @@ def save_grid(images: list, path: Path, cols: int = 8) -> None:
 def load_clip(path: str):
     from transformers import CLIPModel, CLIPTokenizer
 
-    clip = CLIPModel.from_pretrained(path, use_safetensors=True).eval()
+    clip = CLIPModel.from_pretrained(path, use_safetensors=True).float().eval()  # stored in fp16
     tokenizer = CLIPTokenizer.from_pretrained(Path(path) / "tokenizer" if (Path(path) / "tokenizer").is_dir() else path)
     return clip, tokenizer
 
