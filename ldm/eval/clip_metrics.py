@@ -18,7 +18,9 @@ def text_embeddings(clip, tokenizer, texts: list[str], batch_size: int = 256) ->
     """Unit CLIP text embeddings (N, P) of ``texts``."""
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
+        # padded to the batch's longest text only: CLIP's causal text tower pools at the end-of-text token, which
+        # padding after it does not change
+        enc = tokenizer(texts[i:i + batch_size], padding=True, max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt")
         emb = clip.get_text_features(input_ids=enc.input_ids.to(clip.device),
                                      attention_mask=enc.attention_mask.to(clip.device))
