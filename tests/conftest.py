@@ -56,6 +56,16 @@ def load_script(path, name: str):
     return module
 
 
+class RunsCode:
+    """A pickle payload: unpickling it calls ``os.system(command)`` (for tests that nothing is unpickled)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for child processes: no ``PYTHONPATH`` (only the installed ``ldm``/``pipelines`` packages can be
     imported when the working directory is elsewhere), offline Hub, one intra-op thread."""

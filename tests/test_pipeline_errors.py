@@ -13,7 +13,7 @@ import pytest
 from ldm.tiny import tiny_components, tiny_dit, tiny_text_encoder
 from pipelines import LatentPipeline
 
-from conftest import sample, with_components
+from conftest import RunsCode, sample, with_components
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -162,16 +162,6 @@ def test_pickle_weights_load_weights_only_with_a_warning(kind, tmp_path, caplog)
     np.testing.assert_array_equal(sample(loaded), sample(pipe))
 
 
-class _RunsCode:
-    """A pickle payload: unpickling it calls ``os.system(command)``."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 @pytest.mark.parametrize("component", ["denoiser", "vae", "text_encoder"])
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(component, tmp_path):
     import pickle
@@ -183,7 +173,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(component, tmp
         old.unlink()
     weights = next((tmp_path / component).glob("*.bin"), tmp_path / component / "pytorch_model.bin")
     marker = tmp_path / "pwned"
-    weights.write_bytes(pickle.dumps({"weight": _RunsCode(f"touch {marker}")}))
+    weights.write_bytes(pickle.dumps({"weight": RunsCode(f"touch {marker}")}))
     with pytest.raises(OSError, match=re.escape(str(weights)) + ".*weights-only unpickler refused it"):
         LatentPipeline.from_pretrained(tmp_path)
     assert not marker.exists()

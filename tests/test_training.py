@@ -35,7 +35,7 @@ from ldm.checkpointing import list_checkpoints
 from ldm.tiny import tiny_pipeline
 from pipelines import LatentPipeline
 
-from conftest import assert_different, load_script, sample, subprocess_env
+from conftest import RunsCode, assert_different, load_script, sample, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -760,16 +760,6 @@ def _ema_run(t2i, env, name: str) -> Run:
     return train(t2i, env, name, "--max_train_steps", "1", "--checkpointing_steps", "1", "--use_ema")
 
 
-class _RunsCode:
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (self.command,)
-
-
 def test_ema_lives_in_safetensors_and_a_mismatched_resume_says_which_flag(t2i, env):
     run = _ema_run(t2i, env, "ema-flag")
     assert (run.out / "checkpoint-1" / "ema.safetensors").is_file()
@@ -794,7 +784,7 @@ def test_no_code_runs_from_a_checkpoint_folder(t2i, env, file, refused):
     run = _ema_run(t2i, env, f"crafted-{file}")
     marker = env.root / f"pwned-{file}"
     checkpoint = run.out / "checkpoint-1"
-    (checkpoint / file).write_bytes(pickle.dumps({"state": _RunsCode(f"touch {marker}")}))
+    (checkpoint / file).write_bytes(pickle.dumps({"state": RunsCode(f"touch {marker}")}))
     resume = ("--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--use_ema")
     with pytest.raises(ValueError, match="passes its integrity check|no longer unpickles"):  # noticed
         train(t2i, env, run.out.name, *resume)

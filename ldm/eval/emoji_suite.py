@@ -80,6 +80,15 @@ def concepts(rows: dict[str, list[dict]]) -> tuple[list[str], list[list[str]], d
     return hexcodes, [captions[h] for h in hexcodes], groups
 
 
+def by_group(ranks: list[int], rows: list[dict], groups: dict[str, str]) -> dict:
+    """Retrieval ranks (0 = found first) of ``rows`` -> {group: {n, top1, top5}}."""
+    grouped = defaultdict(list)
+    for rank, row in zip(ranks, rows):
+        grouped[groups[row["hexcode"]]].append(rank)
+    return {g: {"n": len(v), "top1": sum(k < 1 for k in v) / len(v), "top5": sum(k < 5 for k in v) / len(v)}
+            for g, v in sorted(grouped.items())}
+
+
 @torch.no_grad()
 def generate(pipe, prompts: list[str], steps, guidance_scale, seed: int, batch_size: int) -> tuple[list, float]:
     """One PIL image per prompt (generator ``seed + i``), and the seconds per image."""
@@ -107,17 +116,13 @@ def score(clip, tokenizer, images, pairs: list[tuple[str, dict]], concept_emb, h
     found = retrieval(generated, concept_emb, targets)
     real_found = retrieval(real, concept_emb, targets)
     gen_score, real_score = clip_score(generated, prompts), clip_score(real, prompts)
-    by_group = defaultdict(list)
-    for rank, (_, r) in zip(found["ranks"], pairs):
-        by_group[groups[r["hexcode"]]].append(rank)
     return {
         "n": len(pairs), "top1": found["top1"], "top5": found["top5"],
         "real_top1": real_found["top1"], "real_top5": real_found["top5"],
         "clip_score": float(gen_score.mean()), "real_clip_score": float(real_score.mean()),
         "clip_score_ratio": float(gen_score.mean() / real_score.mean().clamp(min=1e-6)),
         "frechet_clip_distance": frechet_distance(generated, real) if len(pairs) > 2 else None,
-        "by_group": {g: {"n": len(rs), "top1": sum(r < 1 for r in rs) / len(rs), "top5": sum(r < 5 for r in rs) / len(rs)}
-                     for g, rs in sorted(by_group.items())},
+        "by_group": by_group(found["ranks"], [r for _, r in pairs], groups),
         "per_prompt": [{"prompt": p, "label": r["label"], "rank": int(k)} for (p, r), k in zip(pairs, found["ranks"])],
     }
 
@@ -138,12 +143,8 @@ def render_retrieval(clip, tokenizer, data_dir, split: str, base_only: bool = Tr
     pixels = torch.stack([image_to_tensor(Image.open(r["path"]).convert("RGB"), size) for r in picked])
     found = retrieval(image_embeddings(clip, pixels), concept_embeddings(clip, tokenizer, caption_lists),
                       torch.tensor([hexcodes.index(r["hexcode"]) for r in picked]))
-    by_group = defaultdict(list)
-    for rank, r in zip(found["ranks"], picked):
-        by_group[groups[r["hexcode"]]].append(rank)
     return {"split": split, "n": len(picked), "top1": found["top1"], "top5": found["top5"],
-            "by_group": {g: {"n": len(v), "top1": sum(k < 1 for k in v) / len(v), "top5": sum(k < 5 for k in v) / len(v)}
-                         for g, v in sorted(by_group.items())}}
+            "by_group": by_group(found["ranks"], picked, groups)}
 
 
 def evaluate_emoji(pipe, clip, tokenizer, data_dir, sets=SETS, num_prompts: int = 96, steps=None,
