@@ -31,7 +31,7 @@ MODULES = {
         "ldm_progressive_distillation",
         ["ldm/schedulers/progressive_distillation.py", "ldm/losses.py", "ldm/noise_schedules.py"]),
 }
-PIPELINE_FILES = ["pipelines/pipeline_latent.py", "ldm/guidance.py", "ldm/latents.py"]
+PIPELINE_FILES = ["pipelines/pipeline_latent.py", "pipelines/folder_checks.py", "ldm/guidance.py", "ldm/latents.py"]
 
 
 def portable_source(text: str) -> str:

@@ -34,6 +34,9 @@ import ldm  # noqa: F401  (registers every ldm model/scheduler module so saved p
 from ldm.guidance import combine
 from ldm.latents import decode, vae_scale_factor
 
+from .folder_checks import (check_complete, check_config_sizes, check_local_folder, check_model_index,
+                            find_unreadable_weights, pickle_only_weights)
+
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -136,9 +139,10 @@ class LatentPipeline(DiffusionPipeline):
         naming it.
         """
         path = os.path.expanduser(os.fspath(pretrained_model_name_or_path))
-        _check_local_folder(path)
-        _check_model_index(path)
-        pickles = _pickle_only_weights(path)
+        check_local_folder(path)
+        check_model_index(path)
+        check_config_sizes(path, kwargs.get("variant"))
+        pickles = pickle_only_weights(path)
         if pickles:
             logger.warning("%s has no safetensors weights for %s; loading the pickled .bin files with torch's "
                            "weights-only unpickler (tensors only, no code). Re-save with safe_serialization=True.",
@@ -147,11 +151,11 @@ class LatentPipeline(DiffusionPipeline):
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except Exception as err:
-            bad = _find_unreadable_weights(path)
+            bad = find_unreadable_weights(path)
             if bad is None:
                 raise
             raise OSError(f"Cannot load the weights file {bad[0]}: {bad[1]}") from err
-        _check_complete(pipe, path, kwargs.get("variant"))
+        check_complete(pipe, path, kwargs.get("variant"))
         return pipe
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
@@ -600,121 +604,3 @@ class LatentPipeline(DiffusionPipeline):
                 "denoiser predicts no variance; build it with learned_sigma=True or use a fixed variance."
             )
         return torch.cat([pred, variance], dim=1)
-
-
-def _check_local_folder(path: str) -> None:
-    """An ``OSError`` for a path meant as a local folder that is not one (a Hub id is ``user/name``, nothing else).
-
-    Local: absolute, ``./``-relative, existing, more than one ``/``, or a first part that is a local folder (the
-    typo ``models/shapes-teachr`` next to ``models/``); the error names the closest existing folders."""
-    import difflib
-
-    if os.path.isdir(path):
-        return
-    parts = path.replace(os.sep, "/").split("/")
-    local = (os.path.isabs(path) or path.startswith(".") or os.path.exists(path) or len(parts) > 2
-             or (len(parts) == 2 and os.path.isdir(parts[0])))
-    if not local:
-        return
-    problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
-    parent = os.path.dirname(path) or "."
-    siblings = sorted(n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))) \
-        if os.path.isdir(parent) else []
-    close = difflib.get_close_matches(os.path.basename(path), siblings, n=3)
-    hint = f" Did you mean {', '.join(os.path.join(parent, c) for c in close)}?" if close else ""
-    raise OSError(f"The pipeline folder {path} {problem}.{hint} Pass a folder written by "
-                  "LatentPipeline.save_pretrained or a Hub id such as 'user/model'.")
-
-
-def _check_complete(pipe, path: str, variant: str | None) -> None:
-    """Every parameter of every model component came from its weights file (a file missing a tensor would leave
-    the parameter on the meta device, or randomly initialised in transformers): else an ``OSError`` naming both."""
-    from safetensors import safe_open
-
-    if not os.path.isdir(path):
-        return
-    for name, module in pipe.components.items():
-        if not isinstance(module, torch.nn.Module):
-            continue
-        files = [f for f in _weight_files(os.path.join(path, name)) if f.endswith(".safetensors") and
-                 (os.path.basename(f).endswith(f".{variant}.safetensors") if variant
-                  else os.path.basename(f).count(".") == 1)]
-        if not files:
-            continue
-        saved = set()
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                saved.update(f.keys())
-        if hasattr(module, "_fix_state_dict_keys_on_load"):
-            fixed = dict.fromkeys(saved)
-            module._fix_state_dict_keys_on_load(fixed)
-            saved = set(fixed)
-        missing = sorted(n for n, p in module.named_parameters() if n not in saved or p.is_meta)
-        if missing:
-            raise OSError(f"{', '.join(files)} lacks {len(missing)} of the {name}'s tensors ({', '.join(missing[:4])}"
-                          f"{', ...' if len(missing) > 4 else ''}): the file is incomplete; re-save or re-download it.")
-
-
-def _check_model_index(path: str) -> None:
-    """A local ``model_index.json`` must be an object of ``[library, class]`` pairs, with a scheduler that is a
-    scheduler class: else an ``OSError`` saying what is wrong (diffusers fails with an unrelated traceback)."""
-    import json
-
-    index_file = os.path.join(path, "model_index.json")
-    if not os.path.isfile(index_file):
-        return
-    try:
-        index = json.loads(open(index_file).read())
-    except ValueError as err:
-        raise OSError(f"{index_file} is not valid JSON ({err}).") from err
-    if not isinstance(index, dict):
-        raise OSError(f"{index_file} holds a {type(index).__name__}, not an object of components.")
-    for name, entry in index.items():
-        if name.startswith("_") or entry is None or entry == [None, None]:
-            continue
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)):
-            raise OSError(f"{index_file}: component {name!r} is {entry!r}; each must be [library, class name].")
-    scheduler = index.get("scheduler")
-    if isinstance(scheduler, list) and scheduler[0] == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, scheduler[1], None)
-        if cls is not None and not issubclass(cls, SchedulerMixin):
-            raise OSError(f"{index_file}: the scheduler entry names {scheduler[1]}, which is not a scheduler.")
-
-
-def _weight_files(path) -> list[str]:
-    if not os.path.isdir(str(path)):
-        return []
-    return [os.path.join(root, name) for root, _, files in sorted(os.walk(str(path))) for name in sorted(files)
-            if name.endswith((".safetensors", ".bin"))]
-
-
-def _pickle_only_weights(path) -> set[str]:
-    """The component folders of a local pipeline that hold ``.bin`` weights and no ``.safetensors``."""
-    files = _weight_files(path)
-    with_bin = {os.path.basename(os.path.dirname(f)) for f in files if f.endswith(".bin")}
-    with_safetensors = {os.path.basename(os.path.dirname(f)) for f in files if f.endswith(".safetensors")}
-    return with_bin - with_safetensors
-
-
-def _find_unreadable_weights(path) -> tuple[str, str] | None:
-    """In a local pipeline folder, the first weights file that cannot be read, and why: a ``*.safetensors`` whose
-    header or size is broken, or a ``.bin`` that torch's weights-only unpickler refuses (or cannot read)."""
-    from safetensors import safe_open
-
-    for file in _weight_files(path):
-        try:
-            if file.endswith(".safetensors"):
-                with safe_open(file, framework="pt") as f:
-                    for key in f.keys():
-                        f.get_slice(key)
-            else:
-                torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            if file.endswith(".safetensors"):
-                return file, f"it is truncated or corrupt ({err}); re-download it or re-save the pipeline."
-            return file, ("torch's weights-only unpickler refused it: it holds objects other than tensors (a pickle "
-                          f"that would run code, or a damaged file: {str(err).splitlines()[0][:160]}). Nothing in "
-                          "it was run; use a pipeline saved with safetensors.")
-    return None

@@ -284,3 +284,27 @@ def test_a_malformed_model_index_is_a_clear_error(saved_pipes, tmp_path, index, 
     (folder / "model_index.json").write_text(json.dumps(index if isinstance(index, list) else {**original, **index}))
     with pytest.raises(OSError, match=message):
         LatentPipeline.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("kind, component, key, value, message", [
+    ("unet", "denoiser", "block_out_channels", [100000, 200000], "describes .* of shape .* the weights hold"),
+    ("unet", "vae", "block_out_channels", [8, 16, 16, 100000], "describes .* of shape .* the weights hold"),
+    ("unet", "text_encoder", "hidden_size", 1000000, "describes .* of shape .* the weights hold"),
+    ("unet", "text_encoder", "vocab_size", 10**9, "describes .* of shape .* the weights hold"),
+    ("unet", "denoiser", "layers_per_block", 3000, "gives layers_per_block=3000, more layers than"),
+    ("dit", "denoiser", "depth", 3000, "gives depth=3000, more layers than"),
+    ("dit", "denoiser", "sample_size", 10**6, "does not describe a valid DiTModel: sample_size=1000000"),
+    ("unet", "denoiser", "norm_num_groups", 7, "does not describe a valid UNetModel: .*divisible"),
+])
+def test_a_config_that_does_not_fit_its_weights_is_refused_before_allocating(saved_pipes, tmp_path, kind,
+                                                                             component, key, value, message):
+    """An edited config.json (widths that would allocate 100 GB to 4 TB, layer counts that take minutes to build)
+    is an OSError naming the file, raised from a meta-device build before anything is allocated."""
+    import json
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(saved_pipes[kind], folder)
+    config_file = folder / component / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), key: value}))
+    with pytest.raises(OSError, match=f"{config_file}.* {message}"):
+        LatentPipeline.from_pretrained(folder)

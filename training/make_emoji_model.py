@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip_steps", type=int, default=2500)
     p.add_argument("--vae_steps", type=int, default=2500)
     p.add_argument("--vae_channels", type=int, nargs="+", default=[32, 64, 64])
-    p.add_argument("--teacher_steps", type=int, default=10000)
+    p.add_argument("--teacher_steps", type=int, default=4000)
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])

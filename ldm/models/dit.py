@@ -135,6 +135,10 @@ class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
                              f"use a larger resolution or a smaller patch.")
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}")
+        if (sample_size // patch_size) ** 2 * hidden_size > 2**30:
+            raise ValueError(f"sample_size={sample_size} with patch_size={patch_size} gives a position table of "
+                             f"{(sample_size // patch_size) ** 2} tokens x {hidden_size} (over 4 GiB); sample_size "
+                             "is the latent side (image side / the VAE factor), e.g. 32 for 256 px.")
         out_channels = resolve_out_channels(in_channels, out_channels, learned_sigma)
         self.gradient_checkpointing = False
         self.out_channels = out_channels
