@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipelines` when run from a source checkout
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
+from ldm.flops import count_flops  # noqa: E402,F401  (re-exported for the benches)
 
 T0 = time.perf_counter()
 PROMPT = "a photo of a small red fox sitting in the snow, high quality"
@@ -167,31 +167,6 @@ def n_params(m: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
-# FlopCounterMode has no formula for the CPU flash-attention kernels that F.scaled_dot_product_attention uses on CPU
-# (forward and backward); without these, attention would count as 0 FLOPs. The backward is 2.5x the forward
-# (torch's formula for the CUDA kernels: dV, dP, dQ, dK, plus the recomputed scores).
-FLOP_MAP = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda go, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(go, q, k, v),
-}
-
-
-def count_flops(fn, no_grad: bool = True, by_op: bool = False):
-    """FLOPs of one ``fn()`` call (under ``torch.no_grad()`` unless ``no_grad=False``, e.g. for a training step).
-
-    With ``by_op``, returns (total, {op name: FLOPs}).
-    """
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_MAP)
-    with torch.set_grad_enabled(not no_grad), counter:
-        fn()
-    total = int(counter.get_total_flops())
-    if not by_op:
-        return total
-    return total, {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
-
-
 def interleaved(fns: dict, warmup: int, reps: int, no_grad: bool = True,
                 after_round=None) -> dict[str, list[float]]:
     """Run every fn ``warmup`` times, then ``reps`` rounds of A, B, C, ... ; seconds per call, per name.

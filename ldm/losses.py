@@ -2,7 +2,8 @@
 
 Notation (per sample, with a_t = alphas_cumprod[t]):  x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,  SNR(t) = a_t / (1 - a_t).
 
-* targets: ``epsilon`` -> eps, ``sample`` -> x0, ``v_prediction`` -> v = sqrt(a_t) eps - sqrt(1 - a_t) x0.
+* targets: ``epsilon`` -> eps, ``sample`` -> x0, ``v_prediction`` -> v = sqrt(a_t) eps - sqrt(1 - a_t) x0; ``flow``
+  -> eps - x0, the velocity of the flow-matching path x_s = (1 - s) x0 + s eps (``ldm.flow_matching``).
 * min-SNR-gamma (Hang et al. 2023): per-sample MSE weight min(SNR, gamma) / SNR (epsilon),
   min(SNR, gamma) / (SNR + 1) (v), min(SNR, gamma) (x0) -- all equal to min(SNR, gamma) on the x0 error.
 * hybrid loss (Nichol & Dhariwal 2021): L_simple + lambda * L_vlb, where the model also outputs v in [-1, 1]
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow")
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
@@ -32,6 +33,8 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
         return latents
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "flow":
+        return noise - latents
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
@@ -58,7 +61,7 @@ def x0_from_prediction(model_pred: torch.Tensor, x_t: torch.Tensor, alpha: torch
     """x0 implied by a model prediction (B, C, H, W) at x_t = alpha x0 + sigma eps (alpha, sigma broadcastable).
 
     The one definition of the parameterisations' inverse: eps -> (x_t - sigma eps) / alpha, x0 -> itself,
-    v = alpha eps - sigma x0 -> alpha x_t - sigma v.
+    v = alpha eps - sigma x0 -> alpha x_t - sigma v; flow (alpha = 1 - s, sigma = s) u = eps - x0 -> x_t - sigma u.
     """
     if prediction_type == "epsilon":
         return (x_t - sigma * model_pred) / alpha
@@ -66,6 +69,8 @@ def x0_from_prediction(model_pred: torch.Tensor, x_t: torch.Tensor, alpha: torch
         return model_pred
     if prediction_type == "v_prediction":
         return alpha * x_t - sigma * model_pred
+    if prediction_type == "flow":
+        return x_t - sigma * model_pred
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
@@ -131,6 +136,8 @@ class LossOutput:
     loss: torch.Tensor
     mse: torch.Tensor
     vlb: torch.Tensor | None = None
+    per_sample: torch.Tensor | None = None  # (B,) detached weighted MSE (the validation loss' per-timestep buckets)
+    levels: torch.Tensor | None = None  # (B,) noise levels in [0, 1] (t / T, or flow's s), set by the training step
 
     def logs(self) -> dict[str, float]:
         logs = {"mse": self.mse.item()}
@@ -158,7 +165,7 @@ def diffusion_loss(
         model_output: denoiser output (B, C, H, W), or (B, 2C, H, W) ``[prediction, v]`` with ``learned_variance``.
         latents, noise, noisy_latents: x0, eps and x_t (B, C, H, W).
         timesteps: (B,) integer timesteps.
-        prediction_type: "epsilon", "sample" or "v_prediction".
+        prediction_type: "epsilon", "sample", "v_prediction" or "flow" (then ``scheduler`` is unused).
         snr_gamma: min-SNR-gamma weighting of the MSE (None = plain mean).
         learned_variance: add lambda * L_vlb with the stop-gradient on the mean (improved DDPM's hybrid loss).
         vlb_weight: lambda (1e-3 in the paper), applied to L_vlb scaled by T / 1000 as there.
@@ -171,10 +178,10 @@ def diffusion_loss(
         per_sample = per_sample * min_snr_weights(scheduler, timesteps, snr_gamma, prediction_type)
     mse = per_sample.mean()
     if not learned_variance:
-        return LossOutput(loss=mse, mse=mse.detach())
+        return LossOutput(loss=mse, mse=mse.detach(), per_sample=per_sample.detach())
     if model_output.shape[1] != 2 * channels:
         raise ValueError("learned_variance needs a denoiser built with learned_sigma=True (2x output channels).")
     v = model_output[:, channels:].float()
     vlb = vlb_terms(scheduler, pred.detach(), v, latents.float(), noisy_latents.float(), timesteps, prediction_type)
     vlb = vlb.mean() * scheduler.config.num_train_timesteps / 1000.0
-    return LossOutput(loss=mse + vlb_weight * vlb, mse=mse.detach(), vlb=vlb.detach())
+    return LossOutput(loss=mse + vlb_weight * vlb, mse=mse.detach(), vlb=vlb.detach(), per_sample=per_sample.detach())

@@ -47,19 +47,21 @@ def render_model_card(
     license: str = "apache-2.0",
     tags: list[str] | None = None,
     hyperparameters: dict | None = None,
+    library_name: str = "ldm",
+    pipeline_tag: str = "text-to-image",
     **fields,
 ) -> ModelCard:
     """Render ``template`` into ``<output_dir>/README.md`` and return the card.
 
-    The YAML header carries ``library_name: ldm``, ``pipeline_tag: text-to-image``, ``tags``, ``license``, and
+    The YAML header carries ``library_name`` (``ldm``), ``pipeline_tag`` (``text-to-image``), ``tags``, ``license``, and
     ``base_model`` / ``datasets`` when they are Hub ids (local paths only reach the text); ``hyperparameters`` become a
     table (token-like keys are dropped); other ``fields`` go to the template.
     """
     base_ids, dataset_ids = hub_ids(base_model), hub_ids(datasets)
     card_data = ModelCardData(
-        library_name="ldm", pipeline_tag="text-to-image", license=license,
+        library_name=library_name, pipeline_tag=pipeline_tag, license=license,
         base_model=base_ids[0] if len(base_ids) == 1 else base_ids or None, datasets=dataset_ids or None,
-        tags=["text-to-image", "diffusion", "ldm", *(tags or [])],
+        tags=[*(["text-to-image", "diffusion"] if pipeline_tag == "text-to-image" else []), "ldm", *(tags or [])],
     )
     params = {k: v for k, v in (hyperparameters or {}).items() if k not in _SECRET_KEYS}
     card = ModelCard.from_template(

@@ -2,9 +2,10 @@
 
     batch --BatchEncoder--> x0 (B, C, h, w) in the denoiser's latent space, text tokens (B, L, D), mask (B, L)
                             (frozen VAE + text encoder on the fly, or a latent cache; ``ldm.latents``)
-    eps ~ N(0, I) (+ noise offset), t ~ U{0, ..., T - 1}, captions dropped with probability p (``ldm.guidance``)
+    eps ~ N(0, I) (+ noise offset), t ~ U{0, ..., T - 1} or a density, captions dropped with probability p
     x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps                                     (``ldm.noise_schedules``)
-    loss = w(t) |denoiser(x_t, t, text) - target(eps | x0 | v)|^2 (+ lambda L_vlb)   (``ldm.losses``)
+      or x_s = (1 - s) x0 + s eps, t = 1000 s                                  (``ldm.flow_matching``)
+    loss = w(t) |denoiser(x_t, t, text) - target(eps | x0 | v | eps - x0)|^2 (+ lambda L_vlb)   (``ldm.losses``)
 
 Every random draw comes from the step's ``generator``, in a fixed order, so a resumed run repeats exactly the draws
 an uninterrupted one makes. ``training/train_t2i.py`` and ``bench/bench_training.py`` call :func:`diffusion_step`;
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .flow_matching import add_flow_noise, sample_levels, shift_sigmas
 from .guidance import drop_captions
 from .latents import encode_posterior, sample_posterior, to_denoiser_space
 from .losses import LossOutput, diffusion_loss
@@ -24,15 +26,24 @@ from .losses import LossOutput, diffusion_loss
 
 @dataclass
 class Objective:
-    """What a step trains: the forward process (a ``DDPMScheduler``), the target and its weighting."""
+    """What a step trains: the forward process (a ``DDPMScheduler``, or for ``"flow"`` a
+    ``FlowMatchEulerDiscreteScheduler`` whose config holds the shift), the target and its weighting."""
 
     scheduler: object
-    prediction_type: str = "epsilon"
+    prediction_type: str = "epsilon"  # epsilon | sample | v_prediction | flow
     snr_gamma: float | None = None  # min-SNR-gamma weighting; None = plain MSE
     learned_variance: bool = False  # hybrid L_simple + vlb_weight * L_vlb (improved DDPM)
     vlb_weight: float = 1e-3
     noise_offset: float = 0.0
     caption_dropout: float = 0.1  # probability of the empty caption (classifier-free guidance)
+    weighting_scheme: str = "uniform"  # the density of the noise levels: uniform | logit_normal | mode
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """u (n,) in [0, 1] from the weighting scheme's density (``ldm.flow_matching.sample_levels``)."""
+        return sample_levels(n, self.weighting_scheme, generator, self.logit_mean, self.logit_std, self.mode_scale)
 
 
 class BatchEncoder:
@@ -107,16 +118,33 @@ def draw_noise(shape: torch.Size, noise_offset: float, generator: torch.Generato
     return noise
 
 
+def add_training_noise(objective: Objective, latents: torch.Tensor, noise: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t (B, C, h, w) and the denoiser's time input (B,): DDPM's integer t (uniform: one ``randint``, else
+    floor(u T)), or flow's x_s with t = T s, s the shifted level."""
+    n, scheduler = latents.shape[0], objective.scheduler
+    steps = scheduler.config.num_train_timesteps
+    if objective.prediction_type == "flow":
+        sigmas = shift_sigmas(objective.draw_levels(n, generator), scheduler.config.shift).to(latents.device)
+        return add_flow_noise(latents, noise, sigmas), sigmas * steps
+    if objective.weighting_scheme == "uniform":
+        timesteps = torch.randint(0, steps, (n,), generator=generator)
+    else:
+        timesteps = (objective.draw_levels(n, generator) * steps).long().clamp(max=steps - 1)
+    timesteps = timesteps.to(latents.device)
+    return scheduler.add_noise(latents, noise, timesteps), timesteps
+
+
 def diffusion_step(denoiser, encoder: BatchEncoder, objective: Objective, batch: dict,
                    generator: torch.Generator) -> LossOutput:
     """The loss of one micro-batch (backward, clipping and the optimizer are ``ldm.train_loop``'s)."""
     latents, embeds, mask = encoder(batch, generator)  # x0 (B, C, h, w), (B, L, D), (B, L)
-    n, device, scheduler = latents.shape[0], latents.device, objective.scheduler
-    noise = draw_noise(latents.shape, objective.noise_offset, generator).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(device)
+    noise = draw_noise(latents.shape, objective.noise_offset, generator).to(latents.device)
+    noisy, timesteps = add_training_noise(objective, latents, noise, generator)  # x_t, t (B,)
     embeds, mask = drop_captions(embeds, mask, encoder.empty_embeds, encoder.empty_mask, objective.caption_dropout,
                                  generator)
-    noisy = scheduler.add_noise(latents, noise, timesteps)  # x_t
     output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample
-    return diffusion_loss(scheduler, output, latents, noise, noisy, timesteps, objective.prediction_type,
+    loss = diffusion_loss(objective.scheduler, output, latents, noise, noisy, timesteps, objective.prediction_type,
                           objective.snr_gamma, objective.learned_variance, objective.vlb_weight)
+    loss.levels = timesteps.float() / objective.scheduler.config.num_train_timesteps
+    return loss

@@ -393,7 +393,8 @@ class LatentPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ latents
     def prepare_latents(self, batch_size, height, width, dtype, device, generator, latents=None) -> torch.Tensor:
-        """Initial noise (B, C, H / f, W / f), scaled by the scheduler's ``init_noise_sigma``."""
+        """Initial noise (B, C, H / f, W / f), scaled by the scheduler's ``init_noise_sigma`` (flow-matching
+        schedulers have none: their path starts at unit noise)."""
         shape = (batch_size, self.denoiser.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -407,7 +408,7 @@ class LatentPipeline(DiffusionPipeline):
             if tuple(latents.shape) != shape:
                 raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
             latents = latents.to(device=device, dtype=dtype)
-        return latents * self._sampler.init_noise_sigma
+        return latents * getattr(self._sampler, "init_noise_sigma", 1.0)
 
     def _set_timesteps(self, num_inference_steps: int, timesteps: list[int] | None, device) -> torch.Tensor:
         """Configure the scheduler with a step count or explicit ``timesteps``; return its (descending) timesteps."""
@@ -584,7 +585,8 @@ class LatentPipeline(DiffusionPipeline):
             model_input = torch.cat([latents, latents])
         else:
             context, mask, model_input = prompt_embeds, prompt_mask, latents
-        model_input = self._sampler.scale_model_input(model_input, t)
+        if hasattr(self._sampler, "scale_model_input"):  # flow-matching schedulers do not scale the input
+            model_input = self._sampler.scale_model_input(model_input, t)
         t_batch = t.expand(model_input.shape[0]) if torch.is_tensor(t) else t
         extra = {"guidance": guidance} if _takes(self.denoiser, "guidance") else {}
         output = self.denoiser(model_input, t_batch, encoder_hidden_states=context, encoder_attention_mask=mask,

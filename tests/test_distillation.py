@@ -464,6 +464,17 @@ def test_rerun_skips_finished_rounds_and_retrains_only_a_missing_one(script, une
     assert not list(out.glob("work-*"))
 
 
+def test_a_flow_matching_teacher_is_refused_with_the_reason(script, teachers, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = tmp_path / "flow-teacher"
+    shutil.copytree(teachers["unet"], flow)
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(flow / "scheduler")
+    with pytest.raises(ValueError, match="is a flow-matching teacher .* halving argument holds for any deterministic"):
+        run_distill(script, flow, tmp_path / "out", teachers["data"], "--teacher_steps", "8", "--rounds", "1")
+    assert not (tmp_path / "out" / "round-1-4-steps").exists()
+
+
 def test_teacher_steps_must_halve_exactly(script):
     with pytest.raises(ValueError, match="cannot be halved 3 times"):
         script.parse_args(["--teacher", "x", "--train_data_dir", "d", "--teacher_steps", "12", "--rounds", "3"])

@@ -321,6 +321,67 @@ def test_learned_variance_saves_ddpm_with_learned_range(t2i, env):
     assert out.shape == (1, 8, 4, 4)  # [prediction, variance]
 
 
+def test_fixed_large_variance_saves_ddpm_sampling_with_it(t2i, env):
+    run = train(t2i, env, "fixed-large", "--variance_type", "fixed_large", "--max_train_steps", "1")
+    pipe, _ = load_and_sample(run.out)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler" and pipe.scheduler.config.variance_type == "fixed_large"
+    assert not pipe.denoiser.config.learned_sigma
+
+
+def test_flow_matching_trains_and_saves_the_flow_scheduler_it_samples_with(t2i, env):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    run = train(t2i, env, "flow", "--prediction_type", "flow", "--timestep_shift", "auto", "--max_train_steps", "3",
+                "--learning_rate", "1e-3", "--caption_dropout", "0.5")
+    pipe, images = load_and_sample(run.out)
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert pipe.scheduler.config.shift == pytest.approx(32 / 256)  # SD3's rule at --resolution 32
+    assert json.loads((run.out / "training_args.json").read_text())["weighting_scheme"] == "logit_normal"
+    assert "Trained with flow matching" in card_of(run.out)[1]
+    np.testing.assert_array_equal(sample(pipe), images)  # seeded: the same image again
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert np.isfinite(sample(pipe)).all()
+
+
+@pytest.fixture(scope="module")
+def held_out(env) -> Path:
+    """A held-out imagefolder of 6 rows (other images and captions than the training rows)."""
+    folder = env.root / "held-out"
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(1)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(6):
+            PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": [f"held-out {i}", f"another caption {i}"]}) + "\n")
+    return folder
+
+
+def validation_losses(run: Run) -> dict[int, dict]:
+    lines = (run.out / "logs" / "validation_loss.jsonl").read_text().splitlines()
+    return {row["step"]: row for row in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("objective", [["--prediction_type", "v_prediction"], ["--prediction_type", "flow"]])
+def test_validation_loss_is_identical_across_runs_and_across_a_resume(t2i, env, held_out, objective):
+    flags = ["--validation_loss_every", "2", "--validation_data_dir", str(held_out), "--validation_loss_samples",
+             "5", "--validation_loss_buckets", "2", "--learning_rate", "1e-3", "--checkpointing_steps", "2",
+             "--random_flip", *objective]
+    name = objective[1]
+    first = validation_losses(train(t2i, env, f"val-{name}-a", "--max_train_steps", "4", *flags))
+    second = validation_losses(train(t2i, env, f"val-{name}-b", "--max_train_steps", "4", *flags))
+    assert first == second and sorted(first) == [2, 4]
+    assert first[2]["val_loss"] != first[4]["val_loss"]  # it follows the weights
+    assert {k for k in first[4] if k.startswith("val_loss/")} <= {"val_loss/t0.00-0.50", "val_loss/t0.50-1.00"}
+    train(t2i, env, f"val-{name}-c", "--max_train_steps", "2", *flags)
+    resumed = train(t2i, env, f"val-{name}-c", "--max_train_steps", "4", "--resume_from_checkpoint", "latest", *flags)
+    assert validation_losses(resumed) == first
+
+
+def test_validation_loss_needs_held_out_data(t2i, env):
+    with pytest.raises(ValueError, match="has no validation/ split folder .* Pass --validation_data_dir"):
+        t2i.parse_args(flags_for(env, env.root / "bad", "unet") + ["--validation_loss_every", "2"])
+
+
 def test_zero_snr_with_epsilon_is_refused(t2i, env):
     with pytest.raises(ValueError, match="rescale_betas_zero_snr.*v_prediction"):
         train(t2i, env, "zero-snr-eps", "--rescale_betas_zero_snr", "--max_train_steps", "1")
@@ -713,6 +774,13 @@ NO_DENOISER = ("--denoiser", "--denoiser_config")
     (NO_DENOISER, ["--lora_rank", "4", "--use_ema"], "--use_ema with --lora_rank is not supported"),
     (NO_DENOISER, ["--lora_rank", "4", "--learned_variance"], "it cannot be trained with LoRA"),
     ((), ["--caption_dropout", "1"], "--caption_dropout must be in [0, 1), got 1.0"),
+    ((), ["--prediction_type", "flow", "--snr_gamma", "5"], "--snr_gamma belongs to the DDPM objectives"),
+    ((), ["--prediction_type", "flow", "--rescale_betas_zero_snr"], "--rescale_betas_zero_snr belongs to the DDPM"),
+    ((), ["--prediction_type", "flow", "--learned_variance"], "--learned_variance / --variance_type belongs to"),
+    ((), ["--prediction_type", "flow", "--variance_type", "fixed_large"], "--variance_type belongs to the DDPM"),
+    ((), ["--timestep_shift", "3"], "--timestep_shift is for --prediction_type flow"),
+    ((), ["--prediction_type", "flow", "--timestep_shift", "big"], "--timestep_shift must be a number or 'auto'"),
+    ((), ["--learned_variance", "--variance_type", "fixed_large"], "--learned_variance is --variance_type learned_range"),
     (("--pretrained_model_name_or_path",), [], "Give --pretrained_model_name_or_path, or both --vae and"),
     (("--pretrained_model_name_or_path", *NO_DENOISER), ["--vae", "v", "--text_encoder", "t"],
      "Say which denoiser to train from scratch"),

@@ -147,6 +147,13 @@ def main(args: argparse.Namespace) -> Path:
     base = load_pipeline_denoiser(args.teacher, args.revision)
     teacher_config = json.loads(Path(_local(args.teacher, args.revision), "scheduler",
                                      "scheduler_config.json").read_text())
+    if "FlowMatch" in teacher_config.get("_class_name", ""):
+        raise ValueError(
+            f"{args.teacher} is a flow-matching teacher ({teacher_config['_class_name']}). Progressive distillation "
+            "here is built on the DDPM family's alpha/sigma (ProgressiveDistillationScheduler, DDIM steps). The "
+            "halving argument holds for any deterministic ODE sampler, flow's Euler steps included, but that "
+            "student scheduler is not implemented: distil a DDPM-family teacher (v_prediction, zero-SNR works best)."
+        )
     kind = teacher_config.get("prediction_type", "epsilon")
     schedule = {k: teacher_config[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                                "trained_betas", "rescale_betas_zero_snr") if k in teacher_config}

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import threading
 import time
 from pathlib import Path
 
+from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
-STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "student")
+STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "ship-teacher", "student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 
 
@@ -130,28 +133,225 @@ def stage_student(args, work: Path, kind: str) -> Path:
     return student
 
 
+# ------------------------------------------------------------------------------------------------ shipping
+LICENCE_NOTE = """Data and licences: Noto Emoji renders (`emoji-datasource-google@16.0.0`, Apache-2.0, Google), Twemoji
+renders (`emoji-datasource-twitter@16.0.0`, CC-BY-4.0, "Twemoji by Twitter, Inc and other contributors"), captions
+from CLDR labels and tags (`emojibase-data@17.0.0`, MIT), built by `python -m ldm.data.emoji`. The weights are a model
+trained on Twemoji's CC-BY-4.0 images: this card gives the attribution CC-BY-4.0 asks for, and the weights are
+released under the same licence."""
+SETS_TEXT = {"train": "training concepts", "heldout": "held-out style x concept", "natural": "natural prompts"}
+
+
+def ship_clip(work: Path, target: Path) -> None:
+    """The project CLIP in float16 storage with its tokenizer and card (its text tower ships inside the
+    pipelines, so it is not copied twice)."""
+    import torch
+    from transformers import CLIPModel
+
+    from ldm.model_card import render_model_card
+
+    clip = CLIPModel.from_pretrained(work / "clip", dtype=torch.float32)
+    shutil.rmtree(target, ignore_errors=True)
+    clip.half().save_pretrained(target)
+    shutil.copytree(work / "clip" / "tokenizer", target / "tokenizer")
+    train = json.loads((work / "eval-clip-train.json").read_text())
+    held = json.loads((work / "eval-clip.json").read_text())
+    concepts = json.loads((work / "data" / "dataset_info.json").read_text())["concepts"]
+    notes = (f"Image -> concept retrieval over all {concepts:,} concepts (`python training/"
+             f"evaluate.py --suite emoji --clip_only --clip {target} --data_dir work/emoji/data`), top-1 / top-5: "
+             f"training renders {pct(train['top1'])} / {pct(train['top5'])} ({train['n']}), held-out Twemoji renders of "
+             f"concepts seen only as Noto {pct(held['test']['top1'])} / {pct(held['test']['top5'])} "
+             f"({held['test']['n']}), validation Noto renders {pct(held['validation']['top1'])} / "
+             f"{pct(held['validation']['top5'])} ({held['validation']['n']}).\n\n{LICENCE_NOTE}\n\nReproduce: "
+             "`python training/make_emoji_model.py --stages data clip`.")
+    hyper = {k: v for k, v in json.loads((work / "clip" / "training_args.json").read_text()).items()
+             if v is not None and k not in ("output_dir", "cache_dir", "resume_from_checkpoint")}
+    cfg = clip.config
+    render_model_card(
+        target, template="clip", library_name="transformers", pipeline_tag="zero-shot-image-classification",
+        license="cc-by-4.0", tags=["clip", "emoji"], hyperparameters=hyper, notes=notes,
+        description=f"A small CLIP (`CLIPModel`, {sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters: "
+        f"text and vision towers {cfg.text_config.hidden_size} wide, {cfg.text_config.num_hidden_layers} layers, "
+        f"vision patch {cfg.vision_config.patch_size} on {cfg.vision_config.image_size} px; a CLIP-format BPE "
+        "tokenizer trained on the captions) trained from scratch by ldm (`training/train_clip.py`) on the training "
+        "pairs of the emoji data. Its text tower is the frozen text encoder of `models/emoji` and "
+        "`models/emoji-student`; the whole CLIP scores their evaluation (`training/evaluate.py --suite emoji`). "
+        "Stored in float16.")
+
+
+def pct(x) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def teacher_figures(args, work: Path, kind: str) -> dict:
+    """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation."""
+    import diffusers  # noqa: F401
+
+    import ldm
+    from ldm.flops import denoiser_training_flops
+
+    index = json.loads((work / f"teacher-{kind}" / "model_index.json").read_text())
+    denoiser = getattr(ldm, index["denoiser"][1]).from_pretrained(work / f"teacher-{kind}" / "denoiser")
+    trained = json.loads((work / f"teacher-{kind}" / "training_args.json").read_text())
+    per_image = denoiser_training_flops(denoiser)
+    images = trained["max_train_steps"] * trained["train_batch_size"]
+    timings = json.loads((work / "timings.json").read_text())
+    return {"kind": kind, "class": type(denoiser).__name__, "params": sum(p.numel() for p in denoiser.parameters()), "gflop_per_image": per_image / 1e9,
+            "pflop": per_image * images / 1e15, "images": images, "minutes": timings.get(f"teacher-{kind}"),
+            "eval": json.loads((work / f"eval-teacher-{kind}.json").read_text())}
+
+
+def teachers_table(rows: list[dict], chosen: str) -> str:
+    head = ("| teacher | parameters | training GFLOP / image | training PFLOP | wall time | train top-1 / top-5 | "
+            "held-out top-1 / top-5 | natural top-1 / top-5 | CLIP score ratio (train / held-out / natural) | "
+            "Fréchet CLIP distance (train) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        e = r["eval"]
+        sets = " | ".join(f"{pct(e[k]['top1'])} / {pct(e[k]['top5'])}" for k in SETS_TEXT)
+        ratio = " / ".join(f"{e[k]['clip_score_ratio']:.2f}" for k in SETS_TEXT)
+        name = f"**{r['kind']}** (shipped)" if r["kind"] == chosen else r["kind"]
+        minutes = f"{r['minutes']:.0f} min" if r["minutes"] else "?"
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.2f} | {r['pflop']:.2f} | {minutes} "
+                     f"| {sets} | {ratio} | {e['train']['frechet_clip_distance']:.3f} |")
+    return head + "\n".join(lines)
+
+
+def group_table(report: dict) -> str:
+    groups = sorted(report["heldout"]["by_group"])
+    head = "| set | " + " | ".join(groups) + " |\n|---|" + "---|" * len(groups) + "\n"
+    return head + "\n".join(
+        f"| {SETS_TEXT[k]} | " + " | ".join(pct(report[k]["by_group"][g]["top5"]) if g in report[k]["by_group"]
+                                            else "-" for g in groups) + " |" for k in ("train", "heldout"))
+
+
+def stage_ship_teacher(args, work: Path, kind: str) -> None:
+    """The chosen teacher as ``models/emoji`` (float16 storage, trailing DDIM) and the CLIP as ``models/emoji-clip``,
+    with cards: both teachers' table, the evaluation by set and group, data, licences and the reproduce command."""
+    from ldm.model_card import render_model_card
+    from ldm.recipes import ship_pipeline
+
+    out = Path(args.output_dir)
+    target = out / "emoji"
+    ship_pipeline(work / f"teacher-{kind}", target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
+    ship_clip(work, out / "emoji-clip")
+    shutil.copy(work / f"eval-teacher-{kind}-natural.png", target / "samples.png")
+    rows = [teacher_figures(args, work, k) for k in ("unet", "dit")]
+    report = next(r["eval"] for r in rows if r["kind"] == kind)
+    trained = json.loads((work / f"teacher-{kind}" / "training_args.json").read_text())
+    hyper = {k: v for k, v in trained.items() if v is not None and k not in
+             ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token")}
+    render_model_card(
+        target, license="cc-by-4.0", tags=["emoji"], hyperparameters=hyper,
+        denoiser_class=next(r["class"] for r in rows if r["kind"] == kind),
+        num_parameters=f"{next(r['params'] for r in rows if r['kind'] == kind) / 1e6:.1f}M",
+        scheduler_class="DDIMScheduler (trailing)", prediction_type=trained["prediction_type"],
+        beta_schedule=trained["beta_schedule"], zero_snr=True, example_prompt="a red fox",
+        validation_image="samples.png", validation_prompts=", ".join(NATURAL_PROMPTS),
+        notes=teacher_notes(args, work, rows, kind, report),
+    )
+
+
+def teacher_notes(args, work: Path, rows: list[dict], kind: str, report: dict) -> str:
+    """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``)."""
+    steps, scale = report["steps"], report["guidance_scale"]
+    sets = "\n".join(
+        f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
+        f"{pct(report[k]['real_top5'])} | {report[k]['clip_score']:.3f} / {report[k]['real_clip_score']:.3f} = "
+        f"{report[k]['clip_score_ratio']:.2f} | {report[k]['frechet_clip_distance']:.3f} |" for k in SETS_TEXT)
+    timings = json.loads((work / "timings.json").read_text())
+    times = ", ".join(f"{k} {v:.0f} min" for k, v in timings.items())
+    return f"""The samples above are the 30 natural prompts of the evaluation (one image each, seed = prompt index,
+{steps} DDIM steps, guidance {scale}).
+
+### U-Net vs DiT at about the same training FLOPs
+
+Both trained by `training/make_emoji_model.py` on the same data, steps, batch and recipe (v-prediction, zero-terminal
+SNR, cached latents, a caption drawn per step from each image's list, 10 % caption dropout, EMA 0.9995, bf16
+autocast), side by side on one core each of a 2-core CPU (wall times are shared-CPU times). FLOPs are counted with
+`torch.utils.flop_counter` (`ldm.flops.denoiser_training_flops`: forward and backward of one 16 x 16 x 4 latent with
+77 caption tokens) times the images seen. Evaluation: `training/evaluate.py --suite emoji` ({steps} DDIM steps,
+guidance {scale}), retrieval over all concepts with the project CLIP (`models/emoji-clip`).
+
+{teachers_table(rows, kind)}
+
+### Evaluation of the shipped teacher
+
+Retrieval: is the prompted concept the top-1 / in the top-5 of all concepts by CLIP image-text similarity; "real"
+is the same for the real render of the prompted concept (the CLIP's own ceiling). CLIP score: generated against real
+renders of the same prompts. The Fréchet distance is computed in the project CLIP's image-embedding space between the
+generated images and the real renders: an in-domain distance, not Inception FID.
+
+| set | prompts | top-1 | top-5 | real top-5 | CLIP score (generated / real = ratio) | Fréchet CLIP distance |
+|---|---|---|---|---|---|---|
+{sets}
+
+Top-5 retrieval by emoji group:
+
+{group_table(report)}
+
+Command: `python training/evaluate.py --suite emoji --model models/emoji --clip models/emoji-clip --data_dir
+work/emoji/data --num_prompts {args.eval_prompts} --steps {steps} --guidance_scale {scale}`.
+
+### Data and licences
+
+{LICENCE_NOTE}
+
+### Reproduce
+
+`python training/make_emoji_model.py` (stage by stage, resumable; wall time on the 2-core CPU of this project's
+machines: {times}).
+"""
+
+
+class StageClock:
+    """Adds a stage's wall time to ``timings.json`` every minute while it runs (a run killed at a session's end
+    keeps the minutes it spent; the file is re-read each time, so stages run side by side all keep theirs)."""
+
+    def __init__(self, file: Path, stage: str):
+        self.file, self.stage, self.done = file, stage, threading.Event()
+
+    def add(self, minutes: float) -> None:
+        timings = json.loads(self.file.read_text()) if self.file.is_file() else {}
+        timings[self.stage] = round(timings.get(self.stage, 0) + minutes, 2)
+        self.file.write_text(json.dumps(timings, indent=2))
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        threading.Thread(target=self._tick, daemon=True).start()
+        return self
+
+    def _tick(self) -> None:
+        while not self.done.wait(60):
+            self.add(1.0)
+            self.start += 60
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.add((time.perf_counter() - self.start) / 60)
+
+
 def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    timings_file = work / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    choice = work / "teacher-choice.json"
     kind = None
     for stage in args.stages:
-        start = time.perf_counter()
-        if stage == "data":
-            stage_data(args, work)
-        elif stage == "clip":
-            stage_clip(args, work)
-        elif stage == "vae":
-            stage_vae(args, work)
-        elif stage.startswith("teacher-"):
-            stage_teacher(args, work, stage.split("-")[1])
-        elif stage == "evaluate-teachers":
-            kind = stage_evaluate_teachers(args, work)
-        elif stage == "student":
-            stage_student(args, work, kind or json.loads((work / "teacher-choice.json").read_text())["chosen"])
-        timings[stage] = round(timings.get(stage, 0) + (time.perf_counter() - start) / 60, 1)
-        timings_file.write_text(json.dumps(timings, indent=2))
+        with StageClock(work / "timings.json", stage):
+            if stage == "data":
+                stage_data(args, work)
+            elif stage == "clip":
+                stage_clip(args, work)
+            elif stage == "vae":
+                stage_vae(args, work)
+            elif stage.startswith("teacher-"):
+                stage_teacher(args, work, stage.split("-")[1])
+            elif stage == "evaluate-teachers":
+                kind = stage_evaluate_teachers(args, work)
+            elif stage == "ship-teacher":
+                stage_ship_teacher(args, work, kind or json.loads(choice.read_text())["chosen"])
+            elif stage == "student":
+                stage_student(args, work, kind or json.loads(choice.read_text())["chosen"])
 
 
 if __name__ == "__main__":

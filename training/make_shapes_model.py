@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
 import time
 from pathlib import Path
 
-from ldm.recipes import add_recipe_arguments, run
+from ldm.recipes import add_recipe_arguments, run, ship_pipeline
 
 
 
@@ -149,28 +147,10 @@ def make_student(args, work: Path, teacher_dir: Path) -> Path:
 
 
 def ship(out: Path, teacher_dir: Path, student_dir: Path) -> None:
-    """Copy both pipelines to ``out`` in fp16 storage; the teacher samples with trailing DDIM (its zero-SNR schedule
-    needs it), the student as distilled."""
-    import torch
-    from diffusers import DDIMScheduler
-
-    from pipelines import LatentPipeline
-
+    """Copy both pipelines to ``out`` in fp16 storage (``ldm.recipes.ship_pipeline``)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name, source in (("shapes-teacher", teacher_dir), ("shapes-student", student_dir)):
-        pipe = LatentPipeline.from_pretrained(source)
-        if name == "shapes-teacher":
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
-                                                       rescale_betas_zero_snr=True)
-        target = out / name
-        shutil.rmtree(target, ignore_errors=True)
-        # float16 storage halves the bundle (diffusers loads it back as float32); the text encoder stays float32
-        for model in (pipe.denoiser, pipe.vae):
-            torch.nn.Module.to(model, torch.float16)
-        pipe.save_pretrained(target)
-        if (source / "validation.png").is_file():
-            shutil.copy(source / "validation.png", target / "validation.png")
-        ship_card(source, target)
+    ship_pipeline(teacher_dir, out / "shapes-teacher", trailing_ddim=True)
+    ship_pipeline(student_dir, out / "shapes-student", trailing_ddim=False)
 
 
 def evaluate_shipped(args, out: Path, work: Path, timings: dict) -> None:
@@ -207,15 +187,6 @@ def main(args: argparse.Namespace) -> None:
     timings["distill_minutes"] = (time.perf_counter() - start) / 60
     ship(out, teacher_dir, student_dir)
     evaluate_shipped(args, out, work, timings)
-
-
-def ship_card(source: Path, target: Path) -> None:
-    """Copy the card of the folder a model was trained in, titled and loaded by its shipped name instead."""
-    card = (source / "README.md").read_text()
-    for name in (str(source), source.name):
-        card = card.replace(f'from_pretrained("{name}")', f'from_pretrained("{target}")')
-    card = re.sub(r"^# .*$", f"# {target.name}", card, count=1, flags=re.MULTILINE)
-    (target / "README.md").write_text(card)
 
 
 def append_evaluation(card: Path, result: dict, args: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ seeded by (seed, micro-step, process), so a resumed run continues exactly like a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -56,7 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--beta_start", type=float, default=1e-4)
     g.add_argument("--beta_end", type=float, default=0.02)
     g.add_argument("--rescale_betas_zero_snr", action="store_true")
-    g.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction"], default="epsilon")
+    g.add_argument("--prediction_type", choices=["epsilon", "sample", "v_prediction", "flow"], default="epsilon",
+                   help="flow: flow matching (rectified flow, x_s = (1 - s) x0 + s eps, target eps - x0), sampled "
+                        "with FlowMatchEulerDiscreteScheduler")
+    g.add_argument("--weighting_scheme", choices=["uniform", "logit_normal", "mode"], default=None,
+                   help="density of the training noise levels (default: logit_normal for flow, else uniform)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of the logit")
+    g.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: std of the logit")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="mode: SD3's scale")
+    g.add_argument("--timestep_shift", default="1.0",
+                   help="flow: shift s -> shift s / (1 + (shift - 1) s) of training and sampling levels; a number, "
+                        "or 'auto' for SD3's sqrt(pixels) / 256 at --resolution")
+    g.add_argument("--variance_type", choices=["fixed_small", "fixed_large", "learned_range"], default=None,
+                   help="reverse-process variance (default fixed_small; learned_range = --learned_variance)")
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5 is typical)")
     g.add_argument("--noise_offset", type=float, default=0.0)
     g.add_argument("--learned_variance", action="store_true",
@@ -101,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--validation_steps", type=int, default=500)
     g.add_argument("--validation_inference_steps", type=int, default=25)
     g.add_argument("--validation_guidance_scale", type=float, default=5.0)
+    g.add_argument("--validation_loss_every", type=int, default=None,
+                   help="every N steps, the loss on fixed held-out batches with fixed seeds (ldm.validation_loss)")
+    g.add_argument("--validation_data_dir", default=None,
+                   help="held-out imagefolder for the validation loss (default: the data's validation split)")
+    g.add_argument("--validation_loss_samples", type=int, default=64)
+    g.add_argument("--validation_loss_buckets", type=int, default=4, help="noise-level bands of the breakdown")
     g.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
     g.add_argument("--logging_dir", default="logs")
     g.add_argument("--push_to_hub", action="store_true")
@@ -136,11 +155,70 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--learned_variance changes the denoiser's output layer; it cannot be trained with LoRA.")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    _check_objective(args)
+    _check_validation_loss(args)
     if args.snr_gamma is not None and args.rescale_betas_zero_snr:
         logger.warning("--snr_gamma with --rescale_betas_zero_snr: min-SNR weights the x0 error by min(SNR, gamma), "
                        "which is ~0 near the zero-SNR end where the text decides layout and colour; prompt "
                        "following can suffer. Drop --snr_gamma to keep the plain %s loss there.",
                        args.prediction_type)
+
+
+def _check_objective(args: argparse.Namespace) -> None:
+    """The diffusion flags that go together (flow matching vs the DDPM family, the variance)."""
+    if args.variance_type == "learned_range":
+        args.learned_variance = True
+    elif args.variance_type is not None and args.learned_variance:
+        raise ValueError(f"--learned_variance is --variance_type learned_range, not {args.variance_type}.")
+    args.weighting_scheme = args.weighting_scheme or ("logit_normal" if args.prediction_type == "flow" else "uniform")
+    if args.timestep_shift != "auto":
+        try:
+            float(args.timestep_shift)
+        except ValueError:
+            raise ValueError(f"--timestep_shift must be a number or 'auto', got {args.timestep_shift!r}") from None
+    if args.prediction_type != "flow":
+        if args.timestep_shift not in ("1", "1.0"):
+            raise ValueError("--timestep_shift is for --prediction_type flow (the DDPM family shifts with "
+                             "--beta_schedule / --rescale_betas_zero_snr).")
+        return
+    for flag, value in (("--snr_gamma", args.snr_gamma), ("--rescale_betas_zero_snr", args.rescale_betas_zero_snr),
+                        ("--learned_variance / --variance_type", args.learned_variance or args.variance_type)):
+        if value:
+            raise ValueError(f"{flag} belongs to the DDPM objectives; flow matching has no beta schedule, SNR weights "
+                             "or reverse variance (its path reaches pure noise at s = 1). Use --weighting_scheme "
+                             "and --timestep_shift to shape it.")
+
+
+def _check_validation_loss(args: argparse.Namespace) -> None:
+    """The validation loss needs held-out data: a folder, the imagefolder's ``validation/`` split or a data set's."""
+    if args.validation_loss_every is None:
+        return
+    for flag in ("validation_loss_every", "validation_loss_samples", "validation_loss_buckets"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.validation_data_dir is None and args.train_data_dir is not None and \
+            not (Path(args.train_data_dir) / "validation" / "metadata.jsonl").is_file():
+        raise ValueError(f"--validation_loss_every needs held-out data: {args.train_data_dir} has no validation/ "
+                         "split folder (with a metadata.jsonl). Pass --validation_data_dir, an imagefolder of "
+                         "images kept out of training.")
+
+
+def validation_data_args(args):
+    """The ``DataArgs`` of the held-out data (its ``validation`` split; see ``_check_validation_loss``)."""
+    from ldm.data.image_caption import DataArgs
+
+    base = dataclasses.replace(DataArgs.from_args(args), streaming=False, max_train_samples=None)
+    if args.validation_data_dir is not None:
+        return dataclasses.replace(base, dataset_name=None, train_data_dir=args.validation_data_dir)
+    if args.dataset_name == "shapes":
+        return dataclasses.replace(base, max_train_samples=args.validation_loss_samples)
+    return base
+
+
+def timestep_shift(args, resolution: int) -> float:
+    from ldm.flow_matching import resolution_shift
+
+    return resolution_shift(resolution, resolution) if args.timestep_shift == "auto" else float(args.timestep_shift)
 
 
 # ---------------------------------------------------------------------------------------------------- build
@@ -199,6 +277,7 @@ def build_models(args, accelerator):
     checkpointing) and the training objective."""
     from ldm.components import load_frozen_components
     from ldm.distributed import vae_dtype_of, weight_dtype_of
+    from ldm.flow_matching import flow_scheduler
     from ldm.noise_schedules import training_scheduler
     from ldm.training_step import Objective
 
@@ -206,10 +285,15 @@ def build_models(args, accelerator):
         args.pretrained_model_name_or_path, args.vae, args.text_encoder, args.tokenizer, args.revision)
     check_resolution(args, vae)
     denoiser = build_denoiser(args, vae, text_encoder)
-    scheduler = training_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start, args.beta_end,
-                                   args.prediction_type, args.rescale_betas_zero_snr, args.learned_variance)
+    if args.prediction_type == "flow":
+        scheduler = flow_scheduler(args.num_train_timesteps, timestep_shift(args, args.resolution))
+    else:
+        scheduler = training_scheduler(args.num_train_timesteps, args.beta_schedule, args.beta_start, args.beta_end,
+                                       args.prediction_type, args.rescale_betas_zero_snr, args.learned_variance,
+                                       args.variance_type)
     objective = Objective(scheduler, args.prediction_type, args.snr_gamma, args.learned_variance, args.vlb_weight,
-                          args.noise_offset, args.caption_dropout)
+                          args.noise_offset, args.caption_dropout, args.weighting_scheme, args.logit_mean,
+                          args.logit_std, args.mode_scale)
     weight_dtype = weight_dtype_of(accelerator)
     vae.to(accelerator.device, dtype=vae_dtype_of(accelerator, args.vae_dtype))
     text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -320,12 +404,20 @@ def main(args: argparse.Namespace) -> Path:
                 sum(p.numel() for p in unwrapped.parameters()), run.max_train_steps, total_batch)
 
     validation = Validation(args, accelerator, (unwrapped, ema, vae, text_encoder, tokenizer, objective.scheduler))
+    hooks = [validation]
+    if args.validation_loss_every:
+        from ldm.validation_loss import ValidationLoss, held_out_batches
+
+        batches = held_out_batches(validation_data_args(args), args.validation_loss_samples, args.train_batch_size)
+        hooks.append(ValidationLoss(accelerator, run.denoiser, encoder, objective, batches, args.validation_loss_every,
+                                    output_dir / args.logging_dir / "validation_loss.jsonl", args.seed,
+                                    args.validation_loss_buckets))
     loop = LoopConfig(output_dir, run.max_train_steps, args.checkpointing_steps, args.checkpoints_total_limit,
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
                       skipped=run.skipped, images_per_step=total_batch)
     step = run_training(accelerator, run.denoiser, run.optimizer, run.lr_scheduler, run.loader,
                         partial(diffusion_step, run.denoiser, encoder, objective), run.params, loop, ema=ema,
-                        after_step=validation)
+                        after_step=lambda step: [hook(step) for hook in hooks])
     if args.streaming:
         log_skipped(loop.skipped)
     if args.validation_prompts and step % args.validation_steps:
@@ -416,7 +508,7 @@ def save_final(args, denoiser, ema, noise_scheduler, grid: Path | None, step: in
         num_parameters=f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M",
         lora=lora, lora_rank=args.lora_rank, scheduler_class=type(scheduler).__name__,
         prediction_type=args.prediction_type, beta_schedule=args.beta_schedule,
-        zero_snr=args.rescale_betas_zero_snr, example_prompt=(args.validation_prompts or ["a red fox"])[0],
+        zero_snr=args.rescale_betas_zero_snr, shift=getattr(scheduler.config, "shift", None), example_prompt=(args.validation_prompts or ["a red fox"])[0],
         validation_image=card_grid, validation_prompts=args.validation_prompts,
     )
     logger.info("Saved %s to %s", "LoRA adapters" if lora else "the pipeline", output_dir)

@@ -330,9 +330,9 @@ class ImageCaptionCollator:
         return batch
 
 
-def prepare_training_dataset(args: DataArgs, num_proc: int | None = None):
+def prepare_training_dataset(args: DataArgs, num_proc: int | None = None, split: str = "train"):
     """Load, check and shuffle-ready the data: returns (data set, collator, Counter of up-front skipped rows)."""
-    ds, image_column, caption_column, dropped = load_raw_dataset(args)
+    ds, image_column, caption_column, dropped = load_raw_dataset(args, split)
     if args.streaming:
         ds = ds.map(StreamingRowFilter(image_column, caption_column), batched=True, batch_size=64)
         ds = ds.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer_size)
