@@ -10,7 +10,9 @@
    background -> shape-colour line, and a circle, a square and an (apex-up) triangle with the
    same area and centroid (both blur invariant) are drawn exactly as ``ldm.data.shapes`` draws
    them, at several blur widths; the best least-squares fit wins, and a poor best fit means
-   "no shape". Its centre and size give ``position`` and ``size``.
+   "no shape". The fit must also be as close as a person demands (``allowed_misfit``): pinched or
+   strongly rounded squares, ovals, teardrops and blobs are "no shape", not the nearest one. Its
+   centre and size give ``position`` and ``size``.
 
 Images larger than ``ANALYSIS_SIZE`` are box-downsampled first. ``prompt_accuracy`` scores images
 against the attributes of the prompts they were generated from (e.g. from
@@ -33,6 +35,7 @@ MAX_COLOR_ERROR = 110.0  # a colour further than this from every palette entry i
 MIN_AREA_FRACTION = 0.004  # smaller main regions are "no shape"
 MAX_FOREGROUND_FRACTION = 0.6  # more foreground than this means no background/foreground split
 MAX_FIT_ERROR = 0.04  # mean squared alpha error (above the noise) of the best fit; worse is "no shape"
+MAX_MISFIT = {"circle": 0.02, "square": 0.02, "triangle": 0.022}  # squared alpha error / area, see analyze_image
 
 ImageLike = Image.Image | np.ndarray
 _SCORED = ("color", "shape", "background", "position", "size")
@@ -133,11 +136,20 @@ def _fit_shapes(alpha: np.ndarray, window: tuple[slice, slice]) -> dict[str, dic
         center = (mean_y - offset * half, mean_x)
         for blur in FIT_BLURS:
             silhouette = render_silhouette(shape, center, half, blur, *alpha.shape)
-            error = float(np.mean((silhouette[window] - target[window]) ** 2))
+            squared = (silhouette[window] - target[window]) ** 2
+            error = float(np.mean(squared))
             if shape not in fits or error < fits[shape]["error"]:
-                fits[shape] = dict(error=error, half=float(half), center_y=float(center[0]), center_x=float(center[1]),
-                                   blur=blur)
+                fits[shape] = dict(error=error, misfit=float(squared.sum() / area), pixels_per_area=squared.size / area,
+                                   half=float(half), center_y=float(center[0]), center_x=float(center[1]), blur=blur)
     return fits
+
+
+def allowed_misfit(shape: str, half: float, blur: float) -> float:
+    """The largest misfit (squared alpha error above the noise / shape area) of a shape a person would still call
+    ``shape``, tuned on deformed renders (tests/test_shapes.py): pixel rounding at the outline weighs more on small
+    shapes (the allowance grows below a half-extent of 6.4 px, the data's small size at 64 px), and a blur hides
+    a deformation's error as it hides it from the eye (the allowance shrinks with the fitted blur)."""
+    return MAX_MISFIT[shape] * max(1.0, 6.4 / max(half, 1e-6)) / (1 + max(0.0, blur - 0.5))
 
 
 def _grid_position(center: np.ndarray, height: int, width: int) -> str:
@@ -198,7 +210,8 @@ def analyze_image(image: ImageLike) -> dict[str, object | None]:
     result["fits"] = fits
     shape = min(fits, key=lambda name: fits[name]["error"])
     fit = fits[shape]
-    if fit["error"] - noise > MAX_FIT_ERROR:
+    fit["misfit"] -= noise * fit["pixels_per_area"]  # the squared error the pixel noise alone would give
+    if fit["error"] - noise > MAX_FIT_ERROR or fit["misfit"] > allowed_misfit(shape, fit["half"], fit["blur"]):
         return result
     result["shape"] = shape
     result["position"] = _grid_position(np.array([fit["center_y"], fit["center_x"]]), height, width)
