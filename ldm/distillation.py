@@ -62,7 +62,8 @@ def x_loss(scheduler, x_pred: torch.Tensor, x_target: torch.Tensor, tau: torch.T
 def sample_student_times(scheduler, num_student_steps: int, batch: int, generator: torch.Generator):
     """Random student steps i in {1..N}: times (tau_t, tau_mid, tau_next), each (B,), on the teacher's 2N grid."""
     grid = scheduler.time_grid(2 * num_student_steps)  # (2N + 1,) descending, ends at -1
-    i = torch.randint(1, num_student_steps + 1, (batch,), generator=generator)  # student step i: t = i / N
+    i = torch.randint(1, num_student_steps + 1, (batch,), generator=generator, device=generator.device)  # t = i / N
+    grid = grid.to(i.device)
     top = 2 * (num_student_steps - i)  # index of t = i / N in the descending 2N grid
     return grid[top], grid[top + 1], grid[top + 2]
 
@@ -70,7 +71,8 @@ def sample_student_times(scheduler, num_student_steps: int, batch: int, generato
 def sample_fold_times(scheduler, num_steps: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     """Guidance fold: random times (B,) on the teacher's own ``num_steps`` grid (the clean end excluded)."""
     grid = scheduler.time_grid(num_steps)[:-1]
-    return grid[torch.randint(0, len(grid), (batch,), generator=generator)]
+    pick = torch.randint(0, len(grid), (batch,), generator=generator, device=generator.device)
+    return grid.to(pick.device)[pick]
 
 
 def guidance_fold_target(teacher_x0: Callable, z_t: torch.Tensor, tau: torch.Tensor, embeds: torch.Tensor,

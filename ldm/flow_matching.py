@@ -51,7 +51,7 @@ def sample_levels(n: int, weighting_scheme: str, generator: torch.Generator, log
     if weighting_scheme not in WEIGHTING_SCHEMES:
         raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}, got {weighting_scheme!r}")
     return compute_density_for_timestep_sampling(weighting_scheme, n, logit_mean, logit_std, mode_scale,
-                                                 generator=generator)
+                                                 device=generator.device, generator=generator)
 
 
 def add_flow_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def drop_captions(embeds: torch.Tensor, mask: torch.Tensor, empty_embeds: torch.
 
     One ``torch.rand(B)`` draw from ``generator`` decides, whatever the probability (so runs stay comparable).
     """
-    drop = (torch.rand(embeds.shape[0], generator=generator) < probability).to(embeds.device)
+    drop = (torch.rand(embeds.shape[0], generator=generator, device=generator.device) < probability).to(embeds.device)
     embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.device, embeds.dtype), embeds)
     mask = torch.where(drop[:, None], empty_mask.to(mask.device), mask)
     return embeds, mask
@@ -42,7 +42,7 @@ def combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tenso
 
 def sample_scales(low: float, high: float, batch: int, generator: torch.Generator) -> torch.Tensor:
     """Guidance scales (B,) drawn uniformly from [low, high): the range a guidance-folded student learns."""
-    return low + (high - low) * torch.rand(batch, generator=generator)
+    return low + (high - low) * torch.rand(batch, generator=generator, device=generator.device)
 
 
 def embedding_input(scale: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
 def sample_posterior(params: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Posterior parameters (B, 2C, h, w) = [mean, logvar] -> unscaled latents z (B, C, h, w) in float32.
 
-    ``mode="mean"`` returns the mean; ``"posterior"`` draws mean + std * eps with ``generator`` (CPU), the same draw
+    ``mode="mean"`` returns the mean; ``"posterior"`` draws mean + std * eps with ``generator`` (on its device), the same draw
     whether the parameters come from a latent cache or from the VAE on the fly.
     """
     mean, logvar = params.float().chunk(2, dim=1)
@@ -48,7 +48,7 @@ def sample_posterior(params: torch.Tensor, mode: str, generator: torch.Generator
     if mode != "posterior":
         raise ValueError(f"latents mode must be 'posterior' or 'mean', got {mode!r}")
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+    return mean + std * torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
 
 
 def to_denoiser_space(z: torch.Tensor, vae) -> torch.Tensor:

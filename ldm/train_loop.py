@@ -94,13 +94,14 @@ def check_counts(args) -> None:
             raise ValueError(f"--{name} must be at least 1, got {value}.")
 
 
-def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Generator:
-    """The CPU generator of one micro-step on one process: every random draw of a step comes from it, so a resumed
-    run repeats exactly the draws an uninterrupted one makes."""
+def step_generator(seed: int, micro_step: int, process_index: int, device="cpu") -> torch.Generator:
+    """The generator of one micro-step on one process, on ``device`` (the accelerator's: the noise is drawn where it
+    is used): every random draw of a step comes from it, so a resumed run repeats exactly the draws an
+    uninterrupted one makes (on the same kind of device)."""
     import numpy as np
 
     state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # stable across Python versions
+    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # stable across Python versions
 
 
 def nan_error(output_dir: str | Path, step: int, loss: float) -> RuntimeError:
@@ -248,7 +249,7 @@ def run_training(
         epoch_loader = loader if fresh_epoch else accelerator.skip_first_batches(loader, state.batches_done)
         for batch in epoch_loader:
             generator = step_generator(cfg.seed, state.step * cfg.gradient_accumulation_steps + state.micro_in_step,
-                                       accelerator.process_index)
+                                       accelerator.process_index, accelerator.device)
             out = micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, params, cfg,
                              state, progress)
             state.batches_done += 1

@@ -7,8 +7,8 @@
       or x_s = (1 - s) x0 + s eps, t = 1000 s                                  (``ldm.flow_matching``)
     loss = w(t) |denoiser(x_t, t, text) - target(eps | x0 | v | eps - x0)|^2 (+ lambda L_vlb)   (``ldm.losses``)
 
-Every random draw comes from the step's ``generator``, in a fixed order, so a resumed run repeats exactly the draws
-an uninterrupted one makes. ``training/train_t2i.py`` and ``bench/bench_training.py`` call :func:`diffusion_step`;
+Every random draw comes from the step's ``generator`` (on its device: the accelerator's, so nothing is drawn on the
+host and copied each step), in a fixed order, so a resumed run repeats exactly the draws an uninterrupted one makes. ``training/train_t2i.py`` and ``bench/bench_training.py`` call :func:`diffusion_step`;
 ``training/distill.py`` shares :class:`BatchEncoder` and :func:`draw_noise`.
 """
 
@@ -69,7 +69,7 @@ class BatchEncoder:
 
         cached = "latent_params" in batch
         n = len(batch["latent_params"] if cached else batch["pixel_values"])
-        flip = torch.rand(n, generator=generator) < 0.5 if self.random_flip else None
+        flip = torch.rand(n, generator=generator, device=generator.device) < 0.5 if self.random_flip else None
         if cached:
             params = batch["latent_params"]
             if flip is not None:
@@ -97,14 +97,15 @@ class BatchEncoder:
             counts = (ids[:, :, 0] >= 0).sum(1)
             pick = torch.zeros_like(counts)
             if counts.max() > 1:  # as for raw batches: a draw only when some row has a choice
-                pick = torch.randint(0, 1 << 30, (len(ids),), generator=generator) % counts
-            return encode_ids(self.tokenizer, self.text_encoder, ids[torch.arange(len(ids)), pick])
+                pick = torch.randint(0, 1 << 30, (len(ids),), generator=generator, device=generator.device)
+                pick = pick.to(counts.device) % counts
+            return encode_ids(self.tokenizer, self.text_encoder, ids[torch.arange(len(ids), device=ids.device), pick])
         if "prompt_embeds" in batch:
             return batch["prompt_embeds"].to(self.text_encoder.dtype), batch["prompt_mask"].long()
         lists = batch.get("caption_lists")
         captions = batch["captions"]
         if lists is not None and max(map(len, lists)) > 1:
-            pick = (torch.randint(0, 1 << 30, (len(lists),), generator=generator) %
+            pick = (torch.randint(0, 1 << 30, (len(lists),), generator=generator, device=generator.device).cpu() %
                     torch.tensor([len(o) for o in lists])).tolist()
             captions = [options[k] for options, k in zip(lists, pick)]
         return encode_text(self.tokenizer, self.text_encoder, captions)
@@ -112,9 +113,9 @@ class BatchEncoder:
 
 def draw_noise(shape: torch.Size, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
     """eps ~ N(0, I) of ``shape`` (B, C, h, w), plus ``noise_offset`` x a per-(sample, channel) constant if > 0."""
-    noise = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator, device=generator.device)
     if noise_offset:
-        noise += noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+        noise += noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator, device=generator.device)
     return noise
 
 
@@ -128,7 +129,7 @@ def add_training_noise(objective: Objective, latents: torch.Tensor, noise: torch
         sigmas = shift_sigmas(objective.draw_levels(n, generator), scheduler.config.shift).to(latents.device)
         return add_flow_noise(latents, noise, sigmas), sigmas * steps
     if objective.weighting_scheme == "uniform":
-        timesteps = torch.randint(0, steps, (n,), generator=generator)
+        timesteps = torch.randint(0, steps, (n,), generator=generator, device=generator.device)
     else:
         timesteps = (objective.draw_levels(n, generator) * steps).long().clamp(max=steps - 1)
     timesteps = timesteps.to(latents.device)

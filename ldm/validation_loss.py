@@ -43,7 +43,8 @@ def validation_loss(denoiser, encoder, objective, batches: list[dict], seed: int
     losses, levels = [], []
     try:
         for i, batch in enumerate(batches):
-            out = diffusion_step(denoiser, encoder, objective, batch, torch.Generator().manual_seed(seed + i))
+            generator = torch.Generator(device=next(denoiser.parameters()).device).manual_seed(seed + i)
+            out = diffusion_step(denoiser, encoder, objective, batch, generator)
             losses.append(out.per_sample.float().cpu())
             levels.append(out.levels.float().cpu())
     finally:
