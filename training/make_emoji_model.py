@@ -15,10 +15,10 @@ interrupted command picks up where it stopped):
    the same steps, batch and recipe (v-prediction, zero-terminal SNR, cached latents, a caption drawn from each
    image's list every step, EMA, bf16 autocast);
 5. ``evaluate-teachers``: ``evaluate.py --suite emoji`` on both; the better (held-out top-5) becomes the teacher;
-6. ``student``: ``distill.py``: guidance folding, then 64 -> 32 -> 16 -> 8 -> 4 steps.
+6. ``ship-teacher``: the better teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
+7. ``student``: ``distill.py``: guidance folding, then 32 -> 16 -> 8 -> 4 steps.
 
-Shipping (fp16 copies in ``models/emoji``, ``models/emoji-student``, ``models/emoji-clip`` with cards and the
-evaluation) is added once the teachers have trained; until then the stages above are the recipe.
+The student's shipping stage (``models/emoji-student``) follows once it has been distilled and evaluated.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--dit_size", nargs=3, type=int, default=[256, 10, 4], metavar=("WIDTH", "DEPTH", "HEADS"),
                    help="DiT width, depth, heads (patch 2); the default matches the U-Net's FLOPs per image")
-    p.add_argument("--guidance_steps", type=int, default=3000)
-    p.add_argument("--distill_steps", type=int, default=1000)
+    p.add_argument("--distill_teacher_steps", type=int, default=32, choices=[8, 16, 32, 64],
+                   help="the guided teacher's steps the first halving round starts from (halved down to 4)")
+    p.add_argument("--guidance_steps", type=int, default=1500, help="steps of the guidance-folding stage")
+    p.add_argument("--distill_steps", type=int, default=800, help="steps of each halving round")
     add_recipe_arguments(p, "bf16")
     return p.parse_args(argv)
 
@@ -120,21 +122,22 @@ def stage_evaluate_teachers(args, work: Path) -> str:
 
 
 def stage_student(args, work: Path, kind: str) -> Path:
+    """Guidance folded into the chosen teacher, then halving rounds from ``--distill_teacher_steps`` to 4 steps."""
+    rounds = (args.distill_teacher_steps // 4).bit_length() - 1
     out = work / "distilled"
-    student = out / "round-4-4-steps"
+    student = out / f"round-{rounds}-4-steps"
     if not (student / "model_index.json").is_file():
-        run("distill.py", "--teacher", work / f"teacher-{kind}", "--teacher_steps", 64, "--rounds", 4,
-            "--guidance_distillation", "--default_guidance_scale", args.guidance_scale, "--guidance_scale_min", 1,
-            "--guidance_scale_max", 8, "--train_data_dir", work / "data", "--cache_latents", "--guidance_steps",
-            args.guidance_steps, "--guidance_learning_rate", "2e-4", "--steps_per_round", args.distill_steps,
-            "--train_batch_size", 32, "--learning_rate", "1e-4", "--use_ema", "--checkpointing_steps", 250,
-            "--output_dir", out, "--seed", args.seed, "--mixed_precision", args.mixed_precision,
-            "--validation_prompts", *VALIDATION_PROMPTS)
+        run("distill.py", "--teacher", work / f"teacher-{kind}", "--teacher_steps", args.distill_teacher_steps,
+            "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
+            "--guidance_scale_min", 1, "--guidance_scale_max", 8, "--train_data_dir", work / "data",
+            "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
+            "--steps_per_round", args.distill_steps, "--train_batch_size", 32, "--learning_rate", "1e-4",
+            "--use_ema", "--checkpointing_steps", 250, "--output_dir", out, "--seed", args.seed,
+            "--mixed_precision", args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS)
     return student
 
-
 # ------------------------------------------------------------------------------------------------ shipping
-LICENCE_NOTE = """Data and licences: Noto Emoji renders (`emoji-datasource-google@16.0.0`, Apache-2.0, Google), Twemoji
+LICENCE_NOTE = """Noto Emoji renders (`emoji-datasource-google@16.0.0`, Apache-2.0, Google), Twemoji
 renders (`emoji-datasource-twitter@16.0.0`, CC-BY-4.0, "Twemoji by Twitter, Inc and other contributors"), captions
 from CLDR labels and tags (`emojibase-data@17.0.0`, MIT), built by `python -m ldm.data.emoji`. The weights are a model
 trained on Twemoji's CC-BY-4.0 images: this card gives the attribution CC-BY-4.0 asks for, and the weights are
@@ -162,13 +165,13 @@ def ship_clip(work: Path, target: Path) -> None:
              f"training renders {pct(train['top1'])} / {pct(train['top5'])} ({train['n']}), held-out Twemoji renders of "
              f"concepts seen only as Noto {pct(held['test']['top1'])} / {pct(held['test']['top5'])} "
              f"({held['test']['n']}), validation Noto renders {pct(held['validation']['top1'])} / "
-             f"{pct(held['validation']['top5'])} ({held['validation']['n']}).\n\n{LICENCE_NOTE}\n\nReproduce: "
+             f"{pct(held['validation']['top5'])} ({held['validation']['n']}).\n\nData and licences: {LICENCE_NOTE}\n\nReproduce: "
              "`python training/make_emoji_model.py --stages data clip`.")
     hyper = {k: v for k, v in json.loads((work / "clip" / "training_args.json").read_text()).items()
              if v is not None and k not in ("output_dir", "cache_dir", "resume_from_checkpoint")}
     cfg = clip.config
     render_model_card(
-        target, template="clip", library_name="transformers", pipeline_tag="zero-shot-image-classification",
+        target, template="clip", repo_id=str(target), library_name="transformers", pipeline_tag="zero-shot-image-classification",
         license="cc-by-4.0", tags=["clip", "emoji"], hyperparameters=hyper, notes=notes,
         description=f"A small CLIP (`CLIPModel`, {sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters: "
         f"text and vision towers {cfg.text_config.hidden_size} wide, {cfg.text_config.num_hidden_layers} layers, "
@@ -240,9 +243,10 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     report = next(r["eval"] for r in rows if r["kind"] == kind)
     trained = json.loads((work / f"teacher-{kind}" / "training_args.json").read_text())
     hyper = {k: v for k, v in trained.items() if v is not None and k not in
-             ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token")}
+             ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token", "license",
+              "push_to_hub", "report_to", "logging_dir", "dataloader_num_workers")}
     render_model_card(
-        target, license="cc-by-4.0", tags=["emoji"], hyperparameters=hyper,
+        target, repo_id=str(target), license="cc-by-4.0", tags=["emoji"], hyperparameters=hyper,
         denoiser_class=next(r["class"] for r in rows if r["kind"] == kind),
         num_parameters=f"{next(r['params'] for r in rows if r['kind'] == kind) / 1e6:.1f}M",
         scheduler_class="DDIMScheduler (trailing)", prediction_type=trained["prediction_type"],
@@ -290,8 +294,9 @@ Top-5 retrieval by emoji group:
 
 {group_table(report)}
 
-Command: `python training/evaluate.py --suite emoji --model models/emoji --clip models/emoji-clip --data_dir
-work/emoji/data --num_prompts {args.eval_prompts} --steps {steps} --guidance_scale {scale}`.
+Command (on the trained folder; `models/emoji` is its float16-stored copy): `python training/evaluate.py --suite
+emoji --model {work}/teacher-{kind} --clip {work}/clip --data_dir {work}/data --num_prompts {args.eval_prompts}
+--steps {steps} --guidance_scale {scale}`.
 
 ### Data and licences
 
