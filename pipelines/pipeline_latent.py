@@ -325,6 +325,8 @@ class LatentPipeline(DiffusionPipeline):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
                 raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}.")
         for name, tensor in tensors.items():
+            if tensor is not None and not torch.is_tensor(tensor):
+                raise ValueError(f"`{name}` must be a torch.Tensor, got {type(tensor).__name__}.")
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"`{name}` holds NaN or inf values; pass finite tensors.")
         if timesteps is not None:
@@ -341,6 +343,28 @@ class LatentPipeline(DiffusionPipeline):
         num_inference_steps, timesteps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
     ) -> None:
         self._check_size(height, width)
+        self._check_text_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if timesteps is None:
+            max_steps = self._sampler.config.num_train_timesteps
+            if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
+                raise ValueError(
+                    f"num_inference_steps must be an integer between 1 and the {max_steps} training timesteps, "
+                    f"got {num_inference_steps!r}."
+                )
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not available; "
+                f"choose from {self._callback_tensor_inputs}."
+            )
+
+    def _check_text_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> None:
+        """Prompts are a str or a non-empty list of str, embeddings (B, L, D) tensors of the denoiser's width, and
+        negative prompts match the prompts' batch."""
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
@@ -351,6 +375,13 @@ class LatentPipeline(DiffusionPipeline):
                 raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
             if not isinstance(prompt, str) and len(prompt) == 0:
                 raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (not torch.is_tensor(embeds) or embeds.ndim != 3):
+                raise ValueError(f"`{name}` must be a (batch, tokens, width) tensor, got "
+                                 f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}.")
+        if negative_prompt is not None and not (isinstance(negative_prompt, str) or (
+                isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt))):
+            raise ValueError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}.")
         batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         if self.guidance_distilled and (negative_prompt is not None or negative_prompt_embeds is not None):
             logger.warning("This denoiser has classifier-free guidance folded in (one forward per step, no "
@@ -372,23 +403,6 @@ class LatentPipeline(DiffusionPipeline):
             raise ValueError(
                 f"`prompt_embeds` have width {prompt_embeds.shape[-1]} but the denoiser expects "
                 f"{self.denoiser.config.cross_attention_dim}."
-            )
-        if timesteps is None:
-            max_steps = self._sampler.config.num_train_timesteps
-            if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
-                raise ValueError(
-                    f"num_inference_steps must be an integer between 1 and the {max_steps} training timesteps, "
-                    f"got {num_inference_steps!r}."
-                )
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = set(callback_on_step_end_tensor_inputs or ()) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not available; "
-                f"choose from {self._callback_tensor_inputs}."
             )
 
     # ------------------------------------------------------------------ latents

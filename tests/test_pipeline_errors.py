@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from ldm.tiny import tiny_components, tiny_dit, tiny_text_encoder
 from pipelines import LatentPipeline
@@ -205,6 +206,11 @@ NAN = float("nan")
     (dict(timesteps=[10, 500]), "strictly descending"), (dict(timesteps=[500, 500, 10]), "strictly descending"),
     (dict(timesteps=[2000, 10]), "strictly descending list of ints in \\[0, 999\\]"),
     (dict(timesteps=[500, -10]), "in \\[0, 999\\]"),
+    (dict(negative_prompt=123), "`negative_prompt` must be a str or a list of str, got int"),
+    (dict(negative_prompt=["blurry", 7]), "`negative_prompt` must be a str or a list of str"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(77, 32)), "`prompt_embeds` must be a \\(batch, tokens, width\\) tensor"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32), negative_prompt_embeds=[1.0]),
+     "`negative_prompt_embeds` must be a torch.Tensor, got list"),
 ])
 def test_out_of_range_and_non_finite_values_are_refused(unet_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
