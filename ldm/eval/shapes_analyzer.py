@@ -264,13 +264,12 @@ def analyze_image(image: ImageLike) -> dict[str, object | None]:
     fit = fits[shape]
     if fit["error"] - noise > MAX_FIT_ERROR:
         return result
-    result["outline"] = outline_measures(alpha, window)
-    if not outline_accepted(shape, result["outline"]):
-        return result
-    result["shape"] = shape
     result["position"] = _grid_position(np.array([fit["center_y"], fit["center_x"]]), height, width)
     half_extent = fit["half"] / np.sqrt(height * width)
     result["size"] = min(SIZES, key=lambda name: abs(SIZES[name] - half_extent))
+    result["outline"] = outline_measures(alpha, window)
+    if outline_accepted(shape, result["outline"]):  # a misshapen shape still has a place and a size
+        result["shape"] = shape
     return result
 
 
