@@ -38,6 +38,7 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
 
     output_dir = Path(output_dir)
     check_trackers(report_to)
+    check_unsharded()
     accelerator = Accelerator(
         cpu=multi_process_without_accelerator(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=gradient_accumulation_steps,
@@ -61,6 +62,35 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
         remove_incomplete(output_dir)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def sharded_setup(env=None) -> str | None:
+    """The sharded set-up ``accelerate launch`` asks for through the environment (FSDP, DeepSpeed ZeRO-3,
+    Megatron), or None: DDP, ZeRO-1/2 or one process."""
+    import os
+
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        return "FSDP"
+    if env.get("ACCELERATE_USE_MEGATRON_LM", "").lower() in ("1", "true", "yes"):
+        return "Megatron-LM"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes") and \
+            env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def check_unsharded(env=None) -> None:
+    """Refuse parameter sharding with a clear message: the EMA, the cross-process weight check, validation and the
+    final save read the full weights of the unwrapped model, which sharding splits across processes. None of it has
+    run sharded (accelerate's FSDP does not run on CPU), so it is refused rather than silently wrong."""
+    setup = sharded_setup(env)
+    if setup is not None:
+        raise ValueError(
+            f"{setup} shards the model's parameters across processes; ldm's training scripts read full weights "
+            "(EMA, the sync check, validation, the final save) and have only run with DDP. Use data parallelism "
+            "(`accelerate config`: multi-GPU without FSDP, or DeepSpeed ZeRO stage 1 or 2), which keeps whole "
+            "weights on every process.")
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",

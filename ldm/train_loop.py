@@ -164,7 +164,7 @@ def progress_state(accelerator, cfg: LoopConfig, state: LoopState) -> dict:
     return saved
 
 
-def micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, params, cfg: LoopConfig,
+def micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, cfg: LoopConfig,
                state: LoopState, progress):
     """Forward and backward of one micro-batch; when gradients sync, clipping, the step's one host sync (the loss
     summed over micro-batches and processes, and the grad norm, checked finite before the update) and the update."""
@@ -174,7 +174,9 @@ def micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, gene
         state.loss_sum = out.loss.detach().float() + state.loss_sum
         state.micro_batches += 1
         if accelerator.sync_gradients:
-            norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            # the prepared model's own parameters (a wrapper may replace the tensors the script built)
+            norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               cfg.max_grad_norm or float("inf"))
             norm = torch.as_tensor(norm if norm is not None else float("nan"), device=accelerator.device).float()
             rows = accelerator.gather(torch.stack([state.loss_sum, norm])[None]).tolist()  # (processes, 2)
             loss = sum(r[0] for r in rows) / (len(rows) * state.micro_batches)
@@ -226,7 +228,6 @@ def run_training(
     lr_scheduler,
     loader,
     loss_fn: Callable[[dict, torch.Generator], object],
-    params: list[torch.nn.Parameter],
     cfg: LoopConfig,
     ema=None,
     after_step: Callable[[int], None] | None = None,
@@ -250,7 +251,7 @@ def run_training(
         for batch in epoch_loader:
             generator = step_generator(cfg.seed, state.step * cfg.gradient_accumulation_steps + state.micro_in_step,
                                        accelerator.process_index, accelerator.device)
-            out = micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, params, cfg,
+            out = micro_step(accelerator, model, optimizer, lr_scheduler, loss_fn, batch, generator, cfg,
                              state, progress)
             state.batches_done += 1
             count_streamed_skips(batch, state)

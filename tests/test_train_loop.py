@@ -45,7 +45,7 @@ def test_logged_loss_is_the_mean_over_accumulated_micro_batches(tmp_path):
 
     cfg = LoopConfig(tmp_path, max_train_steps=2, checkpointing_steps=10, gradient_accumulation_steps=3,
                      images_per_step=6)
-    run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, list(model.parameters()), cfg)
+    run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg)
     assert len(micro) == 6 and len(cfg.history) == 2
     for step, logs in enumerate(cfg.history):
         assert logs["loss"] == pytest.approx(sum(micro[3 * step: 3 * step + 3]) / 3, rel=1e-6)
@@ -65,6 +65,27 @@ def test_a_non_finite_micro_batch_stops_before_the_update(tmp_path):
 
     cfg = LoopConfig(tmp_path, max_train_steps=2, checkpointing_steps=10, gradient_accumulation_steps=2)
     with pytest.raises(RuntimeError, match="non-finite.*at step 1"):
-        run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, list(model.parameters()), cfg)
+        run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg)
     for old, new in zip(before, model.parameters()):
         assert torch.equal(old, new.detach())
+
+
+@pytest.mark.parametrize("env, refused", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP shards the model's parameters"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3 shards"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+    ({}, None),
+])
+def test_parameter_sharding_is_refused_before_training(tmp_path, monkeypatch, env, refused):
+    """What `accelerate launch --use_fsdp` (or a ZeRO-3 config) puts in the environment is refused with a message
+    before anything is built: the EMA, sync check, validation and save read whole weights."""
+    from ldm.distributed import check_unsharded
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if refused is None:
+        check_unsharded()
+        return
+    with pytest.raises(ValueError, match=refused + ".*Use data parallelism"):
+        make_accelerator(tmp_path / "out", report_to="none")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -319,7 +319,7 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     if args.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     resolution = args.resolution or teacher.config.sample_size * vae_scale_factor(vae)
-    student, optimizer, loader, lr_scheduler, params, ema, max_steps, learning_rate = prepare_stage(
+    student, optimizer, loader, lr_scheduler, _, ema, max_steps, learning_rate = prepare_stage(
         args, accelerator, stage, student, vae, text_encoder, tokenizer, resolution)
     encoder = BatchEncoder(vae, text_encoder, tokenizer, args.random_flip)
     models = StageModels(args, accelerator, stage, teacher, student, encoder, teacher_sched, student_sched)
@@ -335,8 +335,8 @@ def train_stage(args, accelerator, stage: Stage, teacher, teacher_kind: str, stu
     logger.info("Stage %s: %d -> %d steps%s, %d optimizer steps, peak learning rate %g", stage.folder,
                 stage.teacher_steps, stage.student_steps, " (guidance folded in)" if stage.guided_student else "",
                 max_steps, learning_rate)
-    run_training(accelerator, student, optimizer, lr_scheduler, loader, partial(distillation_step, models), params,
-                 loop, ema=ema)
+    run_training(accelerator, student, optimizer, lr_scheduler, loader, partial(distillation_step, models), loop,
+                 ema=ema)
     unwrapped = accelerator.unwrap_model(student)
     check_in_sync(accelerator, unwrapped)
     if ema is not None:

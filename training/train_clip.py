@@ -201,7 +201,7 @@ def main(args: argparse.Namespace) -> Path:
                       images_per_step=accelerator.num_processes * args.train_batch_size
                       * args.gradient_accumulation_steps)
     run_training(accelerator, clip, optimizer, lr_scheduler, loader, partial(clip_step, args, clip, tokenizer),
-                 params, loop)
+                 loop)
     check_in_sync(accelerator, unwrapped)
     if accelerator.is_main_process:
         save(args, unwrapped.eval(), tokenizer)

@@ -416,7 +416,7 @@ def main(args: argparse.Namespace) -> Path:
                       args.resume_from_checkpoint, args.max_grad_norm, args.gradient_accumulation_steps, args.seed,
                       skipped=run.skipped, images_per_step=total_batch)
     step = run_training(accelerator, run.denoiser, run.optimizer, run.lr_scheduler, run.loader,
-                        partial(diffusion_step, run.denoiser, encoder, objective), run.params, loop, ema=ema,
+                        partial(diffusion_step, run.denoiser, encoder, objective), loop, ema=ema,
                         after_step=lambda step: [hook(step) for hook in hooks])
     if args.streaming:
         log_skipped(loop.skipped)

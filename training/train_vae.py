@@ -187,8 +187,7 @@ def main(args: argparse.Namespace) -> Path:
                       desc="VAE steps",
                       images_per_step=accelerator.num_processes * args.train_batch_size
                       * args.gradient_accumulation_steps)
-    run_training(accelerator, model, optimizer, lr_scheduler, loader, partial(vae_loss, args, model, lpips), params,
-                 loop)
+    run_training(accelerator, model, optimizer, lr_scheduler, loader, partial(vae_loss, args, model, lpips), loop)
     unwrapped = accelerator.unwrap_model(model).vae.eval()
     check_in_sync(accelerator, unwrapped)
     scaling = latent_scaling_factor(unwrapped, loader, args.scaling_samples, accelerator.device)
