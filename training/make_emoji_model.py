@@ -16,9 +16,9 @@ interrupted command picks up where it stopped):
    image's list every step, EMA, bf16 autocast);
 5. ``evaluate-teachers``: ``evaluate.py --suite emoji`` on both; the better (held-out top-5) becomes the teacher;
 6. ``ship-teacher``: the better teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
-7. ``student``: ``distill.py``: guidance folding, then 32 -> 16 -> 8 -> 4 steps.
+7. ``student``: ``distill.py``: guidance folding, then 32 -> 16 -> 8 -> 4 steps;
+8. ``ship-student``: the emoji suite on the 4-step student, shipped as ``models/emoji-student`` with its card.
 
-The student's shipping stage (``models/emoji-student``) follows once it has been distilled and evaluated.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from pathlib import Path
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
-STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "ship-teacher", "student")
+STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "ship-teacher", "student",
+          "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 
 
@@ -309,6 +310,49 @@ machines: {times}).
 """
 
 
+def stage_ship_student(args, work: Path, kind: str) -> None:
+    """The 4-step student on the emoji suite, shipped as ``models/emoji-student`` (float16 storage) with its card
+    (distill.py's, licensed as its data requires, plus the student-vs-teacher table)."""
+    from ldm.recipes import ship_pipeline
+
+    rounds = (args.distill_teacher_steps // 4).bit_length() - 1
+    student = work / "distilled" / f"round-{rounds}-4-steps"
+    report = work / "eval-student.json"
+    if not report.is_file():
+        run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", work / "clip", "--data_dir",
+            work / "data", "--num_prompts", args.eval_prompts, "--guidance_scale", args.guidance_scale,
+            "--output", report.with_suffix(".png"))
+    target = Path(args.output_dir) / "emoji-student"
+    ship_pipeline(student, target, trailing_ddim=False, half=("denoiser", "vae", "text_encoder"))
+    shutil.copy(work / "eval-student-natural.png", target / "samples.png")
+    ours, teacher = json.loads(report.read_text()), json.loads((work / f"eval-teacher-{kind}.json").read_text())
+    rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
+                      f"{r[k]['clip_score_ratio']:.2f} | {r[k]['frechet_clip_distance']:.3f} | "
+                      f"{r[k]['seconds_per_image']:.3f} |"
+                      for k in SETS_TEXT for name, r in (("student, 4 steps", ours), (f"teacher ({kind}), 50 steps",
+                                                                                     teacher)))
+    card = (target / "README.md").read_text().replace("license: apache-2.0", "license: cc-by-4.0")
+    (target / "README.md").write_text(card.rstrip() + f"""
+
+## Evaluation on the emoji suite
+
+The 30 natural prompts: `samples.png` (one image each, seed = prompt index). Retrieval over all concepts with the
+project CLIP (`models/emoji-clip`), guidance {args.guidance_scale}; `training/evaluate.py --suite emoji --model
+{student} --clip {work}/clip --data_dir {work}/data --num_prompts {args.eval_prompts} --guidance_scale
+{args.guidance_scale}`:
+
+| model | set | top-1 | top-5 | CLIP score ratio | Fréchet CLIP distance | s / image |
+|---|---|---|---|---|---|---|
+{rows}
+
+## Data and licences
+
+{LICENCE_NOTE}
+
+Reproduce: `python training/make_emoji_model.py` (the teacher is `models/emoji`).
+""")
+
+
 class StageClock:
     """Adds a stage's wall time to ``timings.json`` every minute while it runs (a run killed at a session's end
     keeps the minutes it spent; the file is re-read each time, so stages run side by side all keep theirs)."""
@@ -357,6 +401,8 @@ def main(args: argparse.Namespace) -> None:
                 stage_ship_teacher(args, work, kind or json.loads(choice.read_text())["chosen"])
             elif stage == "student":
                 stage_student(args, work, kind or json.loads(choice.read_text())["chosen"])
+            elif stage == "ship-student":
+                stage_ship_student(args, work, kind or json.loads(choice.read_text())["chosen"])
 
 
 if __name__ == "__main__":
