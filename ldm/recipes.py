@@ -27,8 +27,9 @@ def add_recipe_arguments(parser, mixed_precision: str) -> None:
 
 def ship_pipeline(source: Path, target: Path, trailing_ddim: bool, half=("denoiser", "vae")) -> None:
     """Copy the pipeline trained in ``source`` to ``target`` with the components ``half`` in float16 storage
-    (``LatentPipeline.from_pretrained`` loads them back as float32), with its validation grid and card. A teacher (``trailing_ddim``) samples with trailing
-    DDIM, which its zero-terminal-SNR schedule needs; a student keeps its distilled scheduler."""
+    (``LatentPipeline.from_pretrained`` loads them back as float32), with its validation grid and card. A teacher
+    (``trailing_ddim``) samples with trailing DDIM, which its zero-terminal-SNR schedule needs; a student keeps its
+    distilled scheduler."""
     import shutil
 
     import torch

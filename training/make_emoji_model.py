@@ -163,16 +163,19 @@ def ship_clip(work: Path, target: Path) -> None:
     concepts = json.loads((work / "data" / "dataset_info.json").read_text())["concepts"]
     notes = (f"Image -> concept retrieval over all {concepts:,} concepts (`python training/"
              f"evaluate.py --suite emoji --clip_only --clip {target} --data_dir work/emoji/data`), top-1 / top-5: "
-             f"training renders {pct(train['top1'])} / {pct(train['top5'])} ({train['n']}), held-out Twemoji renders of "
+             f"training renders {pct(train['top1'])} / {pct(train['top5'])} ({train['n']}), held-out Twemoji "
+             "renders of "
              f"concepts seen only as Noto {pct(held['test']['top1'])} / {pct(held['test']['top5'])} "
              f"({held['test']['n']}), validation Noto renders {pct(held['validation']['top1'])} / "
-             f"{pct(held['validation']['top5'])} ({held['validation']['n']}).\n\nData and licences: {LICENCE_NOTE}\n\nReproduce: "
+             f"{pct(held['validation']['top5'])} ({held['validation']['n']}).\n\nData and licences: {LICENCE_NOTE}"
+             "\n\nReproduce: "
              "`python training/make_emoji_model.py --stages data clip`.")
     hyper = {k: v for k, v in json.loads((work / "clip" / "training_args.json").read_text()).items()
              if v is not None and k not in ("output_dir", "cache_dir", "resume_from_checkpoint")}
     cfg = clip.config
     render_model_card(
-        target, template="clip", repo_id=str(target), library_name="transformers", pipeline_tag="zero-shot-image-classification",
+        target, template="clip", repo_id=str(target), library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
         license="cc-by-4.0", tags=["clip", "emoji"], hyperparameters=hyper, notes=notes,
         description=f"A small CLIP (`CLIPModel`, {sum(p.numel() for p in clip.parameters()) / 1e6:.1f}M parameters: "
         f"text and vision towers {cfg.text_config.hidden_size} wide, {cfg.text_config.num_hidden_layers} layers, "
@@ -187,10 +190,8 @@ def pct(x) -> str:
     return f"{100 * x:.1f} %"
 
 
-def teacher_figures(args, work: Path, kind: str) -> dict:
+def teacher_figures(work: Path, kind: str) -> dict:
     """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation."""
-    import diffusers  # noqa: F401
-
     import ldm
     from ldm.flops import denoiser_training_flops
 
@@ -200,8 +201,9 @@ def teacher_figures(args, work: Path, kind: str) -> dict:
     per_image = denoiser_training_flops(denoiser)
     images = trained["max_train_steps"] * trained["train_batch_size"]
     timings = json.loads((work / "timings.json").read_text())
-    return {"kind": kind, "class": type(denoiser).__name__, "params": sum(p.numel() for p in denoiser.parameters()), "gflop_per_image": per_image / 1e9,
-            "pflop": per_image * images / 1e15, "images": images, "minutes": timings.get(f"teacher-{kind}"),
+    return {"kind": kind, "class": type(denoiser).__name__, "params": sum(p.numel() for p in denoiser.parameters()),
+            "gflop_per_image": per_image / 1e9, "pflop": per_image * images / 1e15, "images": images,
+            "minutes": timings.get(f"teacher-{kind}"),
             "eval": json.loads((work / f"eval-teacher-{kind}.json").read_text())}
 
 
@@ -240,7 +242,7 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     ship_pipeline(work / f"teacher-{kind}", target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
     ship_clip(work, out / "emoji-clip")
     shutil.copy(work / f"eval-teacher-{kind}-natural.png", target / "samples.png")
-    rows = [teacher_figures(args, work, k) for k in ("unet", "dit")]
+    rows = [teacher_figures(work, k) for k in ("unet", "dit")]
     report = next(r["eval"] for r in rows if r["kind"] == kind)
     trained = json.loads((work / f"teacher-{kind}" / "training_args.json").read_text())
     hyper = {k: v for k, v in trained.items() if v is not None and k not in
