@@ -31,8 +31,15 @@ def test_four_threads_give_the_sequential_images(kind, scheduler):
     cases = CASES * 2
     expected = [sample(pipe, **case) for case in cases]
     before = torch.get_num_threads()
+
+    def call(case):
+        # OpenMP's thread count is per OS thread: a new thread starts with the process default (OMP_NUM_THREADS or
+        # every core), and another count splits reductions differently (1e-7 apart); give it the caller's count
+        torch.set_num_threads(before)
+        return sample(pipe, **case)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda case: sample(pipe, **case), cases))
+        results = list(pool.map(call, cases))
     assert torch.get_num_threads() == before
     for case, got, want in zip(cases, results, expected):
         np.testing.assert_array_equal(got, want, err_msg=str(case))
