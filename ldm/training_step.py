@@ -8,8 +8,9 @@
     loss = w(t) |denoiser(x_t, t, text) - target(eps | x0 | v | eps - x0)|^2 (+ lambda L_vlb)   (``ldm.losses``)
 
 Every random draw comes from the step's ``generator`` (on its device: the accelerator's, so nothing is drawn on the
-host and copied each step), in a fixed order, so a resumed run repeats exactly the draws an uninterrupted one makes. ``training/train_t2i.py`` and ``bench/bench_training.py`` call :func:`diffusion_step`;
-``training/distill.py`` shares :class:`BatchEncoder` and :func:`draw_noise`.
+host and copied each step), in a fixed order, so a resumed run repeats exactly the draws an uninterrupted one
+makes. ``training/train_t2i.py`` and ``bench/bench_training.py`` call :func:`diffusion_step`; ``training/distill.py``
+shares :class:`BatchEncoder` and :func:`draw_noise`.
 """
 
 from __future__ import annotations
