@@ -107,12 +107,19 @@ def evaluate(args, folder: Path) -> dict:
 
 
 def run_variant(args, name: str, seed: int) -> list[dict]:
+    """Every segment of one run; segments already recorded in its ``results.jsonl`` (an interrupted bench) are
+    kept, with their wall times, and not trained again."""
     kind, flags = VARIANTS[name]
-    rows, seconds = [], 0.0
+    folder = Path(args.out) / slug(name) / f"seed-{seed}"
+    record = folder / "results.jsonl"
+    rows = [json.loads(line) for line in record.read_text().splitlines()] if record.is_file() else []
     for steps in args.segments:
-        seconds += train_segment(args, name, kind, flags, seed, steps)
-        rows.append({"step": steps, "seconds": round(seconds, 1),
-                     **evaluate(args, Path(args.out) / slug(name) / f"seed-{seed}")})
+        if any(r["step"] == steps for r in rows):
+            continue
+        seconds = (rows[-1]["seconds"] if rows else 0.0) + train_segment(args, name, kind, flags, seed, steps)
+        rows.append({"step": steps, "seconds": round(seconds, 1), **evaluate(args, folder)})
+        with record.open("a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
         print(json.dumps({"variant": name, "seed": seed, **rows[-1]}), flush=True)
     return rows
 

@@ -50,6 +50,43 @@ def ship_pipeline(source: Path, target: Path, trailing_ddim: bool, half=("denois
     ship_card(source, target)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Byte-identical, or (a config) equal but for the path it was loaded from."""
+    import filecmp
+    import json
+
+    if a.suffix == ".json":
+        x, y = json.loads(a.read_text()), json.loads(b.read_text())
+        if isinstance(x, dict) and isinstance(y, dict):
+            x, y = ({k: v for k, v in d.items() if k not in ("_name_or_path", "name_or_path")} for d in (x, y))
+        return x == y
+    return filecmp.cmp(a, b, shallow=False)
+
+
+def share_components(target: Path, reference: Path) -> list[str]:
+    """Replace each component folder of the pipeline in ``target`` whose files are identical to the same folder
+    of ``reference`` (configs but for their ``_name_or_path``) (a student's VAE and text encoder are its teacher's) by a relative symlink to it, so a bundle
+    stores them once; ``from_pretrained`` follows the link. Returns the shared components' names."""
+    import shutil
+
+    if target.resolve().parent != reference.resolve().parent:
+        raise ValueError(f"share_components links {target} to {reference} by a relative path: both must be in the "
+                         "same folder (e.g. models/emoji-student and models/emoji)")
+    shared = []
+    for folder in sorted(p for p in target.iterdir() if p.is_dir() and not p.is_symlink()):
+        other = reference / folder.name
+        if not other.is_dir():
+            continue
+        files = sorted(f.relative_to(folder) for f in folder.rglob("*") if f.is_file())
+        if files != sorted(f.relative_to(other) for f in other.rglob("*") if f.is_file()):
+            continue
+        if all(_same_file(folder / f, other / f) for f in files):
+            shutil.rmtree(folder)
+            folder.symlink_to(Path("..") / reference.name / folder.name, target_is_directory=True)
+            shared.append(folder.name)
+    return shared
+
+
 def ship_card(source: Path, target: Path) -> None:
     """Copy the card of the folder a model was trained in, titled and loaded by its shipped name instead."""
     import re

@@ -1,4 +1,4 @@
-"""The bundled shapes models under ``models/`` (issue #5): safetensors only, within the size budget, loadable in the
+"""The bundled models under ``models/`` (issues #5 and #15): safetensors only, within the size budget, loadable in the
 way the README's main command loads them, and following held-out prompts they never saw in training."""
 
 from __future__ import annotations
@@ -14,14 +14,20 @@ from pipelines import LatentPipeline
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+EMOJI_BUNDLES = ("emoji", "emoji-student", "emoji-clip")
 
 
-def test_bundle_is_safetensors_only_and_at_most_40_mb():
+def test_bundles_are_safetensors_only_and_within_their_budgets():
+    """Shapes bundle at most 40 MB; the emoji bundles (teacher, student, CLIP) at most 100 MB together."""
     files = [p for p in MODELS.rglob("*") if p.is_file()]
-    assert {"shapes-teacher", "shapes-student"} <= {p.name for p in MODELS.iterdir()}
+    assert {"shapes-teacher", "shapes-student", "emoji", "emoji-clip"} <= {p.name for p in MODELS.iterdir()}
     assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
-    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
-    for name in ("shapes-teacher", "shapes-student"):
+    size = lambda names: sum(p.stat().st_size for p in files if p.relative_to(MODELS).parts[0] in names)  # noqa: E731
+    assert size(("shapes-teacher", "shapes-student")) <= 40 * 2**20
+    assert size(EMOJI_BUNDLES) <= 100 * 2**20
+    assert size(EMOJI_BUNDLES + ("shapes-teacher", "shapes-student", "EVALUATION.json")) == sum(
+        p.stat().st_size for p in files), "a bundle under models/ outside both budgets"
+    for name in ("shapes-teacher", "shapes-student", "emoji"):
         card = (MODELS / name / "README.md").read_text()
         assert card.startswith("---") and "pipeline_tag: text-to-image" in card
 
@@ -64,3 +70,32 @@ def test_teacher_loads_with_ddim_trailing_and_is_deterministic():
     runs = [pipe("a yellow square on a black background", num_inference_steps=8,
                  generator=torch.Generator().manual_seed(1), output_type="np").images for _ in range(2)]
     assert (runs[0] == runs[1]).all()
+
+
+@pytest.fixture(scope="module")
+def emoji_clip():
+    from transformers import CLIPModel, CLIPTokenizer
+
+    clip = CLIPModel.from_pretrained(MODELS / "emoji-clip", dtype=torch.float32).eval()
+    return clip, CLIPTokenizer.from_pretrained(MODELS / "emoji-clip", subfolder="tokenizer")
+
+
+@pytest.mark.parametrize("bundle, steps", [("emoji", 25)])
+def test_emoji_bundle_follows_three_prompts(bundle, steps, emoji_clip):
+    """Each image's prompted concept ranks in the top 3 of the 30 natural prompts' concepts by the project CLIP
+    (chance: 10 %); a broken load, tokenizer, scheduler or fp16 round trip fails it."""
+    from ldm.data.image_caption import image_to_tensor
+    from ldm.eval.clip_metrics import image_embeddings, text_embeddings
+    from ldm.eval.emoji_suite import NATURAL_PROMPTS
+
+    clip, tokenizer = emoji_clip
+    pipe = LatentPipeline.from_pretrained(MODELS / bundle)
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(NATURAL_PROMPTS.values())
+    generators = [torch.Generator().manual_seed(i) for i in range(len(EMOJI_PROMPTS_FOLLOWED))]
+    images = pipe(list(EMOJI_PROMPTS_FOLLOWED), num_inference_steps=steps, generator=generators).images
+    pixels = torch.stack([image_to_tensor(im, clip.config.vision_config.image_size) for im in images])
+    sims = image_embeddings(clip, pixels) @ text_embeddings(clip, tokenizer, labels).T
+    targets = [labels.index(NATURAL_PROMPTS[p]) for p in EMOJI_PROMPTS_FOLLOWED]
+    ranks = [(sims[i] > sims[i, t]).sum().item() for i, t in enumerate(targets)]
+    assert max(ranks) < 3, dict(zip(EMOJI_PROMPTS_FOLLOWED, ranks))

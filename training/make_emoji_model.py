@@ -15,9 +15,11 @@ interrupted command picks up where it stopped):
    the same steps, batch and recipe (v-prediction, zero-terminal SNR, cached latents, a caption drawn from each
    image's list every step, EMA, bf16 autocast);
 5. ``evaluate-teachers``: ``evaluate.py --suite emoji`` on both; the better (held-out top-5) becomes the teacher;
-6. ``ship-teacher``: the better teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
-7. ``student``: ``distill.py``: guidance folding, then 32 -> 16 -> 8 -> 4 steps;
-8. ``ship-student``: the emoji suite on the 4-step student, shipped as ``models/emoji-student`` with its card.
+6. ``continue-teacher``: the better teacher trained on to ``--long_teacher_steps`` from its last checkpoint, and
+   evaluated the same way;
+7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
+8. ``student``: ``distill.py``: guidance folding, then 32 -> 16 -> 8 -> 4 steps;
+9. ``ship-student``: the emoji suite on the 4-step student, shipped as ``models/emoji-student`` with its card.
 
 """
 
@@ -33,8 +35,8 @@ from pathlib import Path
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
-STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "ship-teacher", "student",
-          "ship-student")
+STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher", "ship-teacher",
+          "student", "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 
 
@@ -48,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_steps", type=int, default=2500)
     p.add_argument("--vae_channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--teacher_steps", type=int, default=4000)
+    p.add_argument("--long_teacher_steps", type=int, default=6000,
+                   help="the chosen teacher continues to this many steps before shipping (a warm restart of the "
+                        "cosine schedule at --teacher_steps; equal to --teacher_steps: no continuation)")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
@@ -92,31 +97,54 @@ def denoiser_config(args, work: Path, kind: str) -> Path:
     return path
 
 
+def teacher_command(args, work: Path, kind: str, out: Path, steps: int, resume) -> list:
+    return ["train_t2i.py", "--vae", work / "vae", "--text_encoder", work / "clip" / "text_encoder", "--tokenizer",
+            work / "clip" / "tokenizer", "--denoiser", kind, "--denoiser_config", denoiser_config(args, work, kind),
+            "--train_data_dir", work / "data", "--resolution", 64, "--cache_latents", "--prediction_type",
+            "v_prediction", "--rescale_betas_zero_snr", "--caption_dropout", "0.1", "--use_ema", "--ema_decay",
+            "0.9995", "--train_batch_size", args.teacher_batch_size, "--learning_rate", args.teacher_lr,
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", 500, "--max_train_steps", steps, "--checkpointing_steps",
+            250, "--checkpoints_total_limit", 2, "--resume_from_checkpoint", resume, "--mixed_precision",
+            args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", 2500,
+            "--validation_guidance_scale", args.guidance_scale, "--output_dir", out, "--seed", args.seed]
+
+
 def stage_teacher(args, work: Path, kind: str) -> None:
     out = work / f"teacher-{kind}"
-    if (out / "model_index.json").is_file():
+    if not (out / "model_index.json").is_file():
+        run(*teacher_command(args, work, kind, out, args.teacher_steps, "latest"))
+
+
+def shipped_teacher(args, work: Path, kind: str) -> Path:
+    """The folder of the teacher that ships: the continued one when ``--long_teacher_steps`` asks for more steps."""
+    return work / (f"teacher-{kind}-long" if args.long_teacher_steps > args.teacher_steps else f"teacher-{kind}")
+
+
+def stage_teacher_long(args, work: Path, kind: str) -> None:
+    """The chosen teacher resumed from its last checkpoint and trained on to ``--long_teacher_steps`` (the cosine
+    schedule restarts warm at the factor the longer run has at that step), then evaluated like both teachers."""
+    out = shipped_teacher(args, work, kind)
+    if out == work / f"teacher-{kind}":
         return
-    run("train_t2i.py", "--vae", work / "vae", "--text_encoder", work / "clip" / "text_encoder", "--tokenizer",
-        work / "clip" / "tokenizer", "--denoiser", kind, "--denoiser_config", denoiser_config(args, work, kind),
-        "--train_data_dir", work / "data", "--resolution", 64, "--cache_latents", "--prediction_type",
-        "v_prediction", "--rescale_betas_zero_snr", "--caption_dropout", "0.1", "--use_ema", "--ema_decay", "0.9995",
-        "--train_batch_size", args.teacher_batch_size, "--learning_rate", args.teacher_lr, "--lr_scheduler", "cosine",
-        "--lr_warmup_steps", 500, "--max_train_steps", args.teacher_steps, "--checkpointing_steps", 250,
-        "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "latest", "--mixed_precision",
-        args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", 2500,
-        "--validation_guidance_scale", args.guidance_scale, "--output_dir", out, "--seed", args.seed)
+    if not (out / "model_index.json").is_file():
+        start = f"{work}/teacher-{kind}/checkpoint-{args.teacher_steps}"
+        resume = "latest" if list(out.glob("checkpoint-*")) else start
+        run(*teacher_command(args, work, kind, out, args.long_teacher_steps, resume))
+    evaluate_teacher(args, out, work / f"eval-{out.name}.json")
+
+
+def evaluate_teacher(args, folder: Path, report: Path) -> dict:
+    if not report.is_file():
+        run("evaluate.py", "--suite", "emoji", "--model", folder, "--clip", folder.parent / "clip", "--data_dir",
+            folder.parent / "data", "--num_prompts", args.eval_prompts, "--steps", 50, "--guidance_scale",
+            args.guidance_scale, "--output", report.with_suffix(".png"))
+    return json.loads(report.read_text())
 
 
 def stage_evaluate_teachers(args, work: Path) -> str:
     """Both teachers on the emoji suite; returns the kind with the better held-out top-5 retrieval."""
-    scores = {}
-    for kind in ("unet", "dit"):
-        report = work / f"eval-teacher-{kind}.json"
-        if not report.is_file():
-            run("evaluate.py", "--suite", "emoji", "--model", work / f"teacher-{kind}", "--clip", work / "clip",
-                "--data_dir", work / "data", "--num_prompts", args.eval_prompts, "--steps", 50, "--guidance_scale",
-                args.guidance_scale, "--output", report.with_suffix(".png"))
-        scores[kind] = json.loads(report.read_text())["heldout"]["top5"]
+    scores = {k: evaluate_teacher(args, work / f"teacher-{k}", work / f"eval-teacher-{k}.json")["heldout"]["top5"]
+              for k in ("unet", "dit")}
     best = max(scores, key=scores.get)
     (work / "teacher-choice.json").write_text(json.dumps({"heldout_top5": scores, "chosen": best}, indent=2))
     return best
@@ -128,7 +156,7 @@ def stage_student(args, work: Path, kind: str) -> Path:
     out = work / "distilled"
     student = out / f"round-{rounds}-4-steps"
     if not (student / "model_index.json").is_file():
-        run("distill.py", "--teacher", work / f"teacher-{kind}", "--teacher_steps", args.distill_teacher_steps,
+        run("distill.py", "--teacher", shipped_teacher(args, work, kind), "--teacher_steps", args.distill_teacher_steps,
             "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
             "--guidance_scale_min", 1, "--guidance_scale_max", 8, "--train_data_dir", work / "data",
             "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
@@ -190,35 +218,40 @@ def pct(x) -> str:
     return f"{100 * x:.1f} %"
 
 
-def teacher_figures(work: Path, kind: str) -> dict:
-    """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation."""
+def teacher_figures(work: Path, folder: str) -> dict:
+    """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation of the
+    teacher in ``work/folder`` (a continued teacher's time includes the run it continued)."""
     import ldm
     from ldm.flops import denoiser_training_flops
 
-    index = json.loads((work / f"teacher-{kind}" / "model_index.json").read_text())
-    denoiser = getattr(ldm, index["denoiser"][1]).from_pretrained(work / f"teacher-{kind}" / "denoiser")
-    trained = json.loads((work / f"teacher-{kind}" / "training_args.json").read_text())
+    index = json.loads((work / folder / "model_index.json").read_text())
+    denoiser = getattr(ldm, index["denoiser"][1]).from_pretrained(work / folder / "denoiser")
+    trained = json.loads((work / folder / "training_args.json").read_text())
     per_image = denoiser_training_flops(denoiser)
     images = trained["max_train_steps"] * trained["train_batch_size"]
     timings = json.loads((work / "timings.json").read_text())
-    return {"kind": kind, "class": type(denoiser).__name__, "params": sum(p.numel() for p in denoiser.parameters()),
-            "gflop_per_image": per_image / 1e9, "pflop": per_image * images / 1e15, "images": images,
-            "minutes": timings.get(f"teacher-{kind}"),
-            "eval": json.loads((work / f"eval-teacher-{kind}.json").read_text())}
+    kind = folder.split("-")[1]
+    minutes = timings.get(f"teacher-{kind}")
+    if folder.endswith("-long") and minutes is not None:
+        minutes += timings.get("continue-teacher", 0)
+    return {"kind": kind, "name": folder.removeprefix("teacher-"), "class": type(denoiser).__name__,
+            "params": sum(p.numel() for p in denoiser.parameters()), "gflop_per_image": per_image / 1e9,
+            "pflop": per_image * images / 1e15, "images": images, "steps": trained["max_train_steps"],
+            "minutes": minutes, "eval": json.loads((work / f"eval-{folder}.json").read_text())}
 
 
 def teachers_table(rows: list[dict], chosen: str) -> str:
-    head = ("| teacher | parameters | training GFLOP / image | training PFLOP | wall time | train top-1 / top-5 | "
+    head = ("| teacher | parameters | steps of 64 | training GFLOP / image | training PFLOP | wall time | train top-1 / top-5 | "
             "held-out top-1 / top-5 | natural top-1 / top-5 | CLIP score ratio (train / held-out / natural) | "
-            "Fréchet CLIP distance (train) |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "Fréchet CLIP distance (train) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         e = r["eval"]
         sets = " | ".join(f"{pct(e[k]['top1'])} / {pct(e[k]['top5'])}" for k in SETS_TEXT)
         ratio = " / ".join(f"{e[k]['clip_score_ratio']:.2f}" for k in SETS_TEXT)
-        name = f"**{r['kind']}** (shipped)" if r["kind"] == chosen else r["kind"]
+        name = f"**{r['name']}** (shipped)" if r["name"] == chosen else r["name"]
         minutes = f"{r['minutes']:.0f} min" if r["minutes"] else "?"
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.2f} | {r['pflop']:.2f} | {minutes} "
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['steps']} | {r['gflop_per_image']:.2f} | {r['pflop']:.2f} | {minutes} "
                      f"| {sets} | {ratio} | {e['train']['frechet_clip_distance']:.3f} |")
     return head + "\n".join(lines)
 
@@ -238,29 +271,29 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     from ldm.recipes import ship_pipeline
 
     out = Path(args.output_dir)
-    target = out / "emoji"
-    ship_pipeline(work / f"teacher-{kind}", target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
+    target, shipped = out / "emoji", shipped_teacher(args, work, kind)
+    ship_pipeline(shipped, target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
     ship_clip(work, out / "emoji-clip")
-    shutil.copy(work / f"eval-teacher-{kind}-natural.png", target / "samples.png")
-    rows = [teacher_figures(work, k) for k in ("unet", "dit")]
-    report = next(r["eval"] for r in rows if r["kind"] == kind)
-    trained = json.loads((work / f"teacher-{kind}" / "training_args.json").read_text())
+    shutil.copy(work / f"eval-{shipped.name}-natural.png", target / "samples.png")
+    rows = [teacher_figures(work, f) for f in dict.fromkeys(("teacher-unet", "teacher-dit", shipped.name))]
+    chosen = next(r for r in rows if r["name"] == shipped.name.removeprefix("teacher-"))
+    trained = json.loads((shipped / "training_args.json").read_text())
     hyper = {k: v for k, v in trained.items() if v is not None and k not in
              ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token", "license",
               "push_to_hub", "report_to", "logging_dir", "dataloader_num_workers")}
     render_model_card(
         target, repo_id=str(target), license="cc-by-4.0", tags=["emoji"], hyperparameters=hyper,
-        denoiser_class=next(r["class"] for r in rows if r["kind"] == kind),
-        num_parameters=f"{next(r['params'] for r in rows if r['kind'] == kind) / 1e6:.1f}M",
+        denoiser_class=chosen["class"], num_parameters=f"{chosen['params'] / 1e6:.1f}M",
         scheduler_class="DDIMScheduler (trailing)", prediction_type=trained["prediction_type"],
         beta_schedule=trained["beta_schedule"], zero_snr=True, example_prompt="a red fox",
         validation_image="samples.png", validation_prompts=", ".join(NATURAL_PROMPTS),
-        notes=teacher_notes(args, work, rows, kind, report),
+        notes=teacher_notes(args, work, rows, chosen, shipped),
     )
 
 
-def teacher_notes(args, work: Path, rows: list[dict], kind: str, report: dict) -> str:
+def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path) -> str:
     """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``)."""
+    report = chosen["eval"]
     steps, scale = report["steps"], report["guidance_scale"]
     sets = "\n".join(
         f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
@@ -280,7 +313,12 @@ autocast), side by side on one core each of a 2-core CPU (wall times are shared-
 77 caption tokens) times the images seen. Evaluation: `training/evaluate.py --suite emoji` ({steps} DDIM steps,
 guidance {scale}), retrieval over all concepts with the project CLIP (`models/emoji-clip`).
 
-{teachers_table(rows, kind)}
+{teachers_table(rows, chosen["name"])}
+
+The better teacher by held-out top-5 retrieval ({chosen["kind"]}) was then trained on from its step-{args.teacher_steps}
+checkpoint to {chosen["steps"]} steps (`--stages continue-teacher`, `--long_teacher_steps`: the cosine schedule of the
+longer run restarts warm at that step), evaluated the same way and shipped: the row marked "shipped". The comparison
+of the two architectures is the pair of {args.teacher_steps}-step rows.
 
 ### Evaluation of the shipped teacher
 
@@ -298,7 +336,7 @@ Top-5 retrieval by emoji group:
 {group_table(report)}
 
 Command (on the trained folder; `models/emoji` is its float16-stored copy): `python training/evaluate.py --suite
-emoji --model {work}/teacher-{kind} --clip {work}/clip --data_dir {work}/data --num_prompts {args.eval_prompts}
+emoji --model {shipped} --clip {work}/clip --data_dir {work}/data --num_prompts {args.eval_prompts}
 --steps {steps} --guidance_scale {scale}`.
 
 ### Data and licences
@@ -315,7 +353,7 @@ machines: {times}).
 def stage_ship_student(args, work: Path, kind: str) -> None:
     """The 4-step student on the emoji suite, shipped as ``models/emoji-student`` (float16 storage) with its card
     (distill.py's, licensed as its data requires, plus the student-vs-teacher table)."""
-    from ldm.recipes import ship_pipeline
+    from ldm.recipes import share_components, ship_pipeline
 
     rounds = (args.distill_teacher_steps // 4).bit_length() - 1
     student = work / "distilled" / f"round-{rounds}-4-steps"
@@ -326,8 +364,10 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
             "--output", report.with_suffix(".png"))
     target = Path(args.output_dir) / "emoji-student"
     ship_pipeline(student, target, trailing_ddim=False, half=("denoiser", "vae", "text_encoder"))
+    shared = share_components(target, Path(args.output_dir) / "emoji")
     shutil.copy(work / "eval-student-natural.png", target / "samples.png")
-    ours, teacher = json.loads(report.read_text()), json.loads((work / f"eval-teacher-{kind}.json").read_text())
+    shipped = shipped_teacher(args, work, kind)
+    ours, teacher = json.loads(report.read_text()), json.loads((work / f"eval-{shipped.name}.json").read_text())
     rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
                       f"{r[k]['clip_score_ratio']:.2f} | {r[k]['frechet_clip_distance']:.3f} | "
                       f"{r[k]['seconds_per_image']:.3f} |"
@@ -352,6 +392,10 @@ project CLIP (`models/emoji-clip`), guidance {args.guidance_scale}; `training/ev
 {LICENCE_NOTE}
 
 Reproduce: `python training/make_emoji_model.py` (the teacher is `models/emoji`).
+
+The components {", ".join(f"`{c}`" for c in shared) or "(none)"} are the teacher's files: in this folder they are
+symlinks to `../emoji/`, so the bundle stores them once (`save_pretrained` or `push_to_hub` of the loaded pipeline
+writes full copies).
 """)
 
 
@@ -399,6 +443,8 @@ def main(args: argparse.Namespace) -> None:
                 stage_teacher(args, work, stage.split("-")[1])
             elif stage == "evaluate-teachers":
                 kind = stage_evaluate_teachers(args, work)
+            elif stage == "continue-teacher":
+                stage_teacher_long(args, work, kind or json.loads(choice.read_text())["chosen"])
             elif stage == "ship-teacher":
                 stage_ship_teacher(args, work, kind or json.loads(choice.read_text())["chosen"])
             elif stage == "student":

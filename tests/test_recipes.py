@@ -1,0 +1,49 @@
+"""The recipes' shipping helpers (``ldm.recipes``): float16 storage that loads back as float32, and a student that
+stores its teacher's identical components once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.recipes import share_components, ship_pipeline
+from ldm.tiny import tiny_pipeline
+from pipelines import LatentPipeline
+
+
+def sample(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+def test_student_shares_its_teachers_identical_components_and_still_loads(tmp_path):
+    teacher = tiny_pipeline("unet", seed=0)
+    student = tiny_pipeline("unet", seed=0)
+    student.denoiser = tiny_pipeline("unet", seed=1).denoiser     # only the denoiser differs
+    for name, pipe in (("src-teacher", teacher), ("src-student", student)):
+        pipe.save_pretrained(tmp_path / name)
+        (tmp_path / name / "README.md").write_text(f'# {name}\n\nLatentPipeline.from_pretrained("{name}")\n')
+    ship_pipeline(tmp_path / "src-teacher", tmp_path / "out" / "emoji", trailing_ddim=False)
+    ship_pipeline(tmp_path / "src-student", tmp_path / "out" / "emoji-student", trailing_ddim=False)
+    before = sample(LatentPipeline.from_pretrained(tmp_path / "out" / "emoji-student"))
+
+    shared = share_components(tmp_path / "out" / "emoji-student", tmp_path / "out" / "emoji")
+
+    assert shared == ["scheduler", "text_encoder", "tokenizer", "vae"]
+    folder = tmp_path / "out" / "emoji-student"
+    assert (folder / "vae").is_symlink() and not (folder / "denoiser").is_symlink()
+    assert (folder / "vae").resolve() == (tmp_path / "out" / "emoji" / "vae").resolve()
+    loaded = LatentPipeline.from_pretrained(folder)
+    assert loaded.vae.dtype == torch.float32
+    assert (sample(loaded) == before).all()
+    assert share_components(folder, tmp_path / "out" / "emoji") == []     # a second call finds nothing more
+    card = (folder / "README.md").read_text()
+    assert card.startswith("# emoji-student") and f'from_pretrained("{folder}")' in card
+
+
+def test_share_components_refuses_folders_that_are_not_siblings(tmp_path):
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    (tmp_path / "b" / "c" / "y").mkdir(parents=True)
+    with pytest.raises(ValueError, match="same folder"):
+        share_components(tmp_path / "a" / "x", tmp_path / "b" / "c" / "y")
