@@ -15,6 +15,7 @@ from pipelines import LatentPipeline
 MODELS = Path(__file__).resolve().parents[1] / "models"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 EMOJI_BUNDLES = ("emoji", "emoji-student", "emoji-clip")
+EMOJI_PROMPTS_FOLLOWED = ("a red apple", "a cat face", "a red heart")
 
 
 def test_bundles_are_safetensors_only_and_within_their_budgets():

@@ -176,9 +176,10 @@ def _hull_area(points: np.ndarray) -> float:
 
 def outline_measures(alpha: np.ndarray, window: tuple[slice, slice]) -> dict[str, float]:
     """Shape measures of the half-level outline of ``alpha`` inside ``window`` (upsampled bilinearly,
-    ``OUTLINE_UPSAMPLING``x or to 128 px across, so a small shape has a smooth outline): ``elongation`` sqrt(lambda_max / lambda_min) of the region's second
-    moments, ``solidity`` area / convex-hull area, ``protrusion`` the largest over the median distance of the
-    outline from the centroid, ``fill`` area / bounding-box area."""
+    ``OUTLINE_UPSAMPLING``x or to 128 px across, so a small shape has a smooth outline): ``elongation``
+    sqrt(lambda_max / lambda_min) of the region's second moments, ``solidity`` area / convex-hull area,
+    ``protrusion`` the largest over the median distance of the outline from the centroid, ``fill`` area /
+    bounding-box area."""
     crop = np.clip(alpha[window], -1, 2).astype(np.float32)
     factor = max(OUTLINE_UPSAMPLING, int(np.ceil(128 / max(crop.shape))))  # small shapes: at least 128 px across
     size = (crop.shape[1] * factor, crop.shape[0] * factor)
