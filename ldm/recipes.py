@@ -64,9 +64,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def share_components(target: Path, reference: Path) -> list[str]:
-    """Replace each component folder of the pipeline in ``target`` whose files are identical to the same folder
-    of ``reference`` (configs but for their ``_name_or_path``) (a student's VAE and text encoder are its teacher's) by a relative symlink to it, so a bundle
-    stores them once; ``from_pretrained`` follows the link. Returns the shared components' names."""
+    """Replace each component folder of the pipeline in ``target`` whose files are identical to the same folder of
+    ``reference`` (configs but for their ``_name_or_path``; a student's VAE and text encoder are its teacher's) by a
+    relative symlink to it, so a bundle stores them once; ``from_pretrained`` follows the link. Returns the shared
+    components' names."""
     import shutil
 
     if target.resolve().parent != reference.resolve().parent:
