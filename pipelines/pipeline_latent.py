@@ -40,6 +40,9 @@ from .folder_checks import (check_complete, check_config_sizes, check_local_fold
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# a fast tokenizer keeps its padding/truncation settings in shared Rust state that each call rewrites: two threads
+# tokenizing with different settings race (one gets the other's padding), so every call here holds this lock
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def _takes(module, argument: str) -> bool:
@@ -234,14 +237,17 @@ class LatentPipeline(DiffusionPipeline):
     def _tokenize(self, prompts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """list of B prompts -> input ids (B, L), attention mask (B, L); warns about truncation."""
         max_len = self.tokenizer.model_max_length
-        for prompt, ids in zip(prompts, self.tokenizer(prompts, truncation=False, verbose=False).input_ids):
+        with _TOKENIZER_LOCK:
+            full = self.tokenizer(prompts, truncation=False, verbose=False).input_ids
+            enc = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True,
+                                 return_tensors="pt")
+        for prompt, ids in zip(prompts, full):
             if len(ids) > max_len:
                 logger.warning(
                     "The prompt %r is %d tokens long but the text encoder takes %d: the last %d tokens (%r) were "
                     "dropped. Shorten the prompt to keep them.", prompt[:60], len(ids), max_len, len(ids) - max_len,
                     self.tokenizer.decode(ids[max_len - 1 : -1]),
                 )
-        enc = self.tokenizer(prompts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         return enc.input_ids.to(device), enc.attention_mask.to(device)
 
     def encode_prompt(
