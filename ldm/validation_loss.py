@@ -4,6 +4,9 @@ noise levels, at every evaluation.
 Batch ``i`` of the held-out set is scored with a generator seeded ``seed + i`` (caption dropout off, the denoiser in
 eval mode, under the training autocast), so the number depends on the weights alone: two runs with the same weights,
 or a run and its resume, give it bit for bit, and curves of different runs on the same data are comparable. The
+training weighting is left out (no min-SNR weights or offset noise, noise levels drawn uniformly whatever
+``--weighting_scheme`` trains with), so runs of one objective with different weightings are measured on one scale;
+the learned-variance VLB term stays, being part of what such a model predicts. The
 per-sample losses are also averaged over ``buckets`` equal bands of the noise level (t / T for the DDPM family, s for
 flow matching): high noise decides layout and colour, low noise the details. Losses of different objectives
 (eps / v / flow) measure different targets and are not comparable with each other.
@@ -37,7 +40,9 @@ def held_out_batches(data_args, num_samples: int, batch_size: int) -> list[dict]
 @torch.no_grad()
 def validation_loss(denoiser, encoder, objective, batches: list[dict], seed: int = 0, buckets: int = 4) -> dict:
     """{"val_loss": mean, "val_loss/t<lo>-<hi>": mean per noise-level band} over ``batches`` (module docstring)."""
-    objective = dataclasses.replace(objective, caption_dropout=0.0)
+    # one scale for every weighting of an objective: plain MSE at uniform levels, no offset noise or caption dropout
+    objective = dataclasses.replace(objective, caption_dropout=0.0, snr_gamma=None, weighting_scheme="uniform",
+                                    noise_offset=0.0)
     was_training = denoiser.training
     denoiser.eval()
     losses, levels = [], []

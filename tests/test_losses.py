@@ -165,3 +165,32 @@ def test_learned_variance_needs_twice_the_channels(batch, learned):
     x0, noise = batch
     with pytest.raises(ValueError, match="learned_sigma=True"):
         diffusion_loss(learned, torch.zeros_like(x0), x0, noise, x0, TIMESTEPS, "epsilon", learned_variance=True)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "flow"])
+def test_the_validation_loss_is_one_scale_for_every_weighting(prediction_type):
+    """The same weights score the same whatever weighting the run trains with (min-SNR, logit-normal or mode
+    levels, offset noise); different weights score differently."""
+    import dataclasses
+
+    from ldm.flow_matching import flow_scheduler
+    from ldm.tiny import tiny_text_encoder, tiny_unet, tiny_vae
+    from ldm.tokenizer import load_tokenizer
+    from ldm.training_step import BatchEncoder, Objective
+    from ldm.validation_loss import validation_loss
+
+    tok = load_tokenizer()
+    encoder = BatchEncoder(tiny_vae(), tiny_text_encoder(tok), tok, random_flip=False)
+    batches = [{"pixel_values": torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1,
+                "captions": ["a red fox", "a cat", ""]} for i in range(2)]
+    scheduler = flow_scheduler() if prediction_type == "flow" else training_scheduler()
+    plain = Objective(scheduler, prediction_type=prediction_type)
+    weighted = [dataclasses.replace(plain, weighting_scheme="logit_normal", noise_offset=0.1),
+                dataclasses.replace(plain, weighting_scheme="mode", caption_dropout=0.5)]
+    if prediction_type == "epsilon":
+        weighted.append(dataclasses.replace(plain, snr_gamma=5.0))
+    denoiser = tiny_unet()
+    want = validation_loss(denoiser, encoder, plain, batches, buckets=2)
+    for objective in weighted:
+        assert validation_loss(denoiser, encoder, objective, batches, buckets=2) == want
+    assert validation_loss(tiny_unet(seed=1), encoder, plain, batches, buckets=2)["val_loss"] != want["val_loss"]
