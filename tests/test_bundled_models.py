@@ -81,7 +81,7 @@ def emoji_clip():
     return clip, CLIPTokenizer.from_pretrained(MODELS / "emoji-clip", subfolder="tokenizer")
 
 
-@pytest.mark.parametrize("bundle, steps", [("emoji", 25)])
+@pytest.mark.parametrize("bundle, steps", [("emoji", 25), ("emoji-student", 4)])
 def test_emoji_bundle_follows_three_prompts(bundle, steps, emoji_clip):
     """Each image's prompted concept ranks in the top 3 of the 30 natural prompts' concepts by the project CLIP
     (chance: 10 %); a broken load, tokenizer, scheduler or fp16 round trip fails it."""
