@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_prompts", type=int, default=48, help="held-out prompts per evaluation")
     p.add_argument("--target_metric", default="color_accuracy", choices=["color_accuracy", "shape_accuracy"],
                    help="the accuracy whose first step at --target_accuracy is reported (at this budget shapes stay "
-                        "below 20 %%, so colour is the default)")
+                        "below 50 %%, so colour is the default)")
     p.add_argument("--target_accuracy", type=float, default=0.5)
     p.add_argument("--smoke", action="store_true", help="2 variants, 1 seed, 2 tiny segments: checks the script runs")
     args = p.parse_args(argv)
