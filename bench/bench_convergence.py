@@ -76,8 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_segment(args, name: str, kind: str, flags: list[str], seed: int, steps: int) -> float:
     """``train_t2i.py`` up to ``steps`` (resuming the run's last checkpoint); returns its wall seconds."""
     out = Path(args.out) / slug(name) / f"seed-{seed}"
-    config = Path(args.out) / f"{kind}.json"
-    config.write_text(json.dumps(UNET if kind == "unet" else DIT))
+    config = Path(args.out) / f"{kind}.json"  # written once by main()
     cmd = [sys.executable, str(ROOT / "training" / "train_t2i.py"), "--pretrained_model_name_or_path", args.base,
            "--denoiser", kind, "--denoiser_config", str(config), "--dataset_name", "shapes", "--max_train_samples",
            str(args.num_samples), "--resolution", "64", "--cache_latents", "--latents_cache_dir",
@@ -145,7 +144,7 @@ def first_reached(rows: list[dict], ok) -> str:
 def summary(args, runs: dict) -> str:
     """The markdown table: final figures (mean ± half-range over seeds) and the first step (and wall time) at
     which each run reached the target accuracy and its objective group's loss (the worst final validation loss
-    among the variants of the same prediction target); one seed's row per line when several seeds ran."""
+    among the variants of the same prediction target); a row per variant, its per-seed steps comma-separated."""
     def spread(values):
         return f"{100 * statistics.mean(values):.1f} ± {100 * (max(values) - min(values)) / 2:.1f}"
 
@@ -178,6 +177,7 @@ def main(args) -> str:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     for kind, cls, config in (("unet", UNetModel, UNET), ("dit", DiTModel, DIT)):
         model = cls(**{k: v for k, v in config.items() if k != "_class_name"}, sample_size=16, cross_attention_dim=64)
+        (Path(args.out) / f"{kind}.json").write_text(json.dumps(config))
         print(f"{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{denoiser_training_flops(model) / 1e9:.3f} GFLOP per training image", file=sys.stderr)
     runs = {name: {seed: run_variant(args, name, seed) for seed in args.seeds} for name in args.variants}
