@@ -91,6 +91,18 @@ def train_segment(args, name: str, kind: str, flags: list[str], seed: int, steps
     return time.perf_counter() - start
 
 
+def segment_seconds(args, name: str, kind: str, flags: list[str], seed: int, steps: int) -> float:
+    """The segment's training wall seconds, written to ``segment_seconds.json`` as soon as it is trained: a bench
+    killed before the segment's evaluation was recorded resumes with that time instead of timing a resume that
+    trains nothing."""
+    record = Path(args.out) / slug(name) / f"seed-{seed}" / "segment_seconds.json"
+    done = json.loads(record.read_text()) if record.is_file() else {}
+    if str(steps) not in done:
+        done[str(steps)] = round(train_segment(args, name, kind, flags, seed, steps), 1)
+        record.write_text(json.dumps(done))
+    return done[str(steps)]
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
 
@@ -121,7 +133,7 @@ def run_variant(args, name: str, seed: int) -> list[dict]:
     for steps in args.segments:
         if any(r["step"] == steps for r in rows):
             continue
-        seconds = (rows[-1]["seconds"] if rows else 0.0) + train_segment(args, name, kind, flags, seed, steps)
+        seconds = (rows[-1]["seconds"] if rows else 0.0) + segment_seconds(args, name, kind, flags, seed, steps)
         rows.append({"step": steps, "seconds": round(seconds, 1), **evaluate(args, folder)})
         with record.open("a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
