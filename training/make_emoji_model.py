@@ -150,10 +150,15 @@ def stage_evaluate_teachers(args, work: Path) -> str:
     return best
 
 
+def distill_dir(args, work: Path) -> Path:
+    """The student stage's folder, named by its fold length: a longer ``--guidance_steps`` is a new run."""
+    return work / f"distilled-fold-{args.guidance_steps}"
+
+
 def stage_student(args, work: Path, kind: str) -> Path:
     """Guidance folded into the chosen teacher, then halving rounds from ``--distill_teacher_steps`` to 4 steps."""
     rounds = (args.distill_teacher_steps // 4).bit_length() - 1
-    out = work / "distilled"
+    out = distill_dir(args, work)
     student = out / f"round-{rounds}-4-steps"
     if not (student / "model_index.json").is_file():
         run("distill.py", "--teacher", shipped_teacher(args, work, kind), "--teacher_steps", args.distill_teacher_steps,
@@ -356,8 +361,8 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     from ldm.recipes import share_components, ship_pipeline
 
     rounds = (args.distill_teacher_steps // 4).bit_length() - 1
-    student = work / "distilled" / f"round-{rounds}-4-steps"
-    report = work / "eval-student.json"
+    student = distill_dir(args, work) / f"round-{rounds}-4-steps"
+    report = distill_dir(args, work) / "eval-student.json"
     if not report.is_file():
         run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", work / "clip", "--data_dir",
             work / "data", "--num_prompts", args.eval_prompts, "--guidance_scale", args.guidance_scale,
@@ -365,7 +370,7 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     target = Path(args.output_dir) / "emoji-student"
     ship_pipeline(student, target, trailing_ddim=False, half=("denoiser", "vae", "text_encoder"))
     shared = share_components(target, Path(args.output_dir) / "emoji")
-    shutil.copy(work / "eval-student-natural.png", target / "samples.png")
+    shutil.copy(report.with_name("eval-student-natural.png"), target / "samples.png")
     shipped = shipped_teacher(args, work, kind)
     ours, teacher = json.loads(report.read_text()), json.loads((work / f"eval-{shipped.name}.json").read_text())
     rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
