@@ -155,9 +155,14 @@ def distill_dir(args, work: Path) -> Path:
     return work / f"distilled-fold-{args.guidance_steps}"
 
 
+def distill_rounds(args) -> int:
+    """Halving rounds from ``--distill_teacher_steps`` down to the 4-step student."""
+    return (args.distill_teacher_steps // 4).bit_length() - 1
+
+
 def stage_student(args, work: Path, kind: str) -> Path:
     """Guidance folded into the chosen teacher, then halving rounds from ``--distill_teacher_steps`` to 4 steps."""
-    rounds = (args.distill_teacher_steps // 4).bit_length() - 1
+    rounds = distill_rounds(args)
     out = distill_dir(args, work)
     student = out / f"round-{rounds}-4-steps"
     if not (student / "model_index.json").is_file():
@@ -360,9 +365,8 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     (distill.py's, licensed as its data requires, plus the student-vs-teacher table)."""
     from ldm.recipes import share_components, ship_pipeline
 
-    rounds = (args.distill_teacher_steps // 4).bit_length() - 1
-    student = distill_dir(args, work) / f"round-{rounds}-4-steps"
-    report = distill_dir(args, work) / "eval-student.json"
+    out = distill_dir(args, work)
+    student, report = out / f"round-{distill_rounds(args)}-4-steps", out / "eval-student.json"
     if not report.is_file():
         run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", work / "clip", "--data_dir",
             work / "data", "--num_prompts", args.eval_prompts, "--guidance_scale", args.guidance_scale,
