@@ -19,6 +19,31 @@ def multi_process_without_accelerator() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it (an AVX2-only CPU) oneDNN
+    emulates bf16 and autocast runs about 12x slower than float32 (a U-Net training step here: 31 s against 2.6 s)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_mixed_precision(choice: str | None) -> str | None:
+    """``"auto"`` -> ``"bf16"`` on a GPU or a CPU with native bf16, else ``"no"``; any other value unchanged."""
+    if choice != "auto":
+        return choice
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return "bf16" if has_accelerator or cpu_has_native_bf16() else "no"
+
+
+def warn_if_emulated_bf16(mixed_precision: str | None, device: torch.device) -> bool:
+    """Warn (and return True) when bf16 autocast would run on a CPU that emulates it: slower than float32."""
+    if mixed_precision != "bf16" or torch.device(device).type != "cpu" or cpu_has_native_bf16():
+        return False
+    logger.warning("--mixed_precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX; torch reports %s): "
+                   "bf16 is emulated here and trains about 10x slower than float32. Use --mixed_precision no.",
+                   torch.backends.cpu.get_cpu_capability())
+    return True
+
+
 def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
                      report_to: str = "tensorboard", logging_dir: str = "logs", seed: int = 0, streaming: bool = False):
     """An ``Accelerator`` with a seedable sampler (resumable data order), trackers under ``output_dir/logging_dir``,
@@ -55,6 +80,8 @@ def make_accelerator(output_dir: str | Path, gradient_accumulation_steps: int = 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     set_seed(seed)
+    if accelerator.is_local_main_process:
+        warn_if_emulated_bf16(accelerator.mixed_precision, accelerator.device)
     if accelerator.is_main_process:
         from .checkpointing import lock_output_dir, remove_incomplete
 

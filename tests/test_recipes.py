@@ -47,3 +47,26 @@ def test_share_components_refuses_folders_that_are_not_siblings(tmp_path):
     (tmp_path / "b" / "c" / "y").mkdir(parents=True)
     with pytest.raises(ValueError, match="same folder"):
         share_components(tmp_path / "a" / "x", tmp_path / "b" / "c" / "y")
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
+    """``--mixed_precision auto`` (the emoji recipe's default) picks bf16 only on a GPU or a CPU with native bf16: on
+    an AVX2-only CPU bf16 autocast is emulated and about 12x slower than float32. The check agrees with the CPU's
+    own flags, and asking for bf16 on such a CPU warns."""
+    import logging
+    from pathlib import Path
+
+    from ldm.distributed import cpu_has_native_bf16, resolve_mixed_precision, warn_if_emulated_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = cpuinfo.read_text().split()
+        assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    native = cpu_has_native_bf16()
+    if not torch.cuda.is_available():
+        assert resolve_mixed_precision("auto") == ("bf16" if native else "no")
+    assert [resolve_mixed_precision(c) for c in ("no", "bf16", "fp16", None)] == ["no", "bf16", "fp16", None]
+    with caplog.at_level(logging.WARNING, logger="ldm.distributed"):
+        assert warn_if_emulated_bf16("bf16", torch.device("cpu")) == (not native)
+        assert not warn_if_emulated_bf16("no", torch.device("cpu"))
+    assert ("emulated" in caplog.text) == (not native)

@@ -18,9 +18,13 @@ interrupted command picks up where it stopped):
 6. ``continue-teacher``: the better teacher trained on to ``--long_teacher_steps`` from its last checkpoint, and
    evaluated the same way;
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
-8. ``student``: ``distill.py``: guidance folding, then 32 -> 16 -> 8 -> 4 steps;
+8. ``student``: ``distill.py``: guidance folded in at ``--guidance_scale`` (or over ``--guidance_range``) on the
+   teacher's ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji``
+   distils the shipped teacher when the work folder's teacher is gone;
 9. ``ship-student``: the emoji suite on the 4-step student, shipped as ``models/emoji-student`` with its card.
 
+Precision: ``--mixed_precision auto`` (default) trains in bf16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX)
+and in float32 elsewhere: an AVX2-only CPU emulates bf16, about 12x slower than float32.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import time
 from pathlib import Path
 
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
+from ldm.distributed import resolve_mixed_precision
 from ldm.recipes import add_recipe_arguments, run
 
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher", "ship-teacher",
@@ -62,8 +67,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the guided teacher's steps the first halving round starts from (halved down to 4)")
     p.add_argument("--guidance_steps", type=int, default=1500, help="steps of the guidance-folding stage")
     p.add_argument("--distill_steps", type=int, default=800, help="steps of each halving round")
-    add_recipe_arguments(p, "bf16")
-    return p.parse_args(argv)
+    p.add_argument("--distill_batch_size", type=int, default=32, help="batch of the fold and of each round")
+    p.add_argument("--guidance_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="guidance scales the fold trains on (default: --guidance_scale alone, a student that samples "
+                        "at that one scale; a range such as 1 8 keeps guidance_scale adjustable but needs a longer fold)")
+    p.add_argument("--distill_from", default=None,
+                   help="the teacher pipeline the student stage distils (default: the chosen teacher in --work_dir; "
+                        "e.g. models/emoji when that folder is gone)")
+    add_recipe_arguments(p, "auto")
+    args = p.parse_args(argv)
+    args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
+    return args
 
 
 def stage_data(args, work: Path) -> None:
@@ -133,10 +147,16 @@ def stage_teacher_long(args, work: Path, kind: str) -> None:
     evaluate_teacher(args, out, work / f"eval-{out.name}.json")
 
 
-def evaluate_teacher(args, folder: Path, report: Path) -> dict:
+def scoring_clip(args, work: Path) -> Path:
+    """The CLIP that scores the suite: the trained one in ``work``, else the shipped fp16 copy."""
+    return work / "clip" if (work / "clip" / "config.json").is_file() else Path(args.output_dir) / "emoji-clip"
+
+
+def evaluate_teacher(args, folder: Path, report: Path, work: Path | None = None) -> dict:
+    work = work or folder.parent
     if not report.is_file():
-        run("evaluate.py", "--suite", "emoji", "--model", folder, "--clip", folder.parent / "clip", "--data_dir",
-            folder.parent / "data", "--num_prompts", args.eval_prompts, "--steps", 50, "--guidance_scale",
+        run("evaluate.py", "--suite", "emoji", "--model", folder, "--clip", scoring_clip(args, work), "--data_dir",
+            work / "data", "--num_prompts", args.eval_prompts, "--steps", 50, "--guidance_scale",
             args.guidance_scale, "--output", report.with_suffix(".png"))
     return json.loads(report.read_text())
 
@@ -150,9 +170,22 @@ def stage_evaluate_teachers(args, work: Path) -> str:
     return best
 
 
+def fold_range(args) -> tuple[float, float]:
+    """The guidance scales the fold trains on: ``--guidance_range``, else ``--guidance_scale`` alone."""
+    return tuple(args.guidance_range) if args.guidance_range else (args.guidance_scale, args.guidance_scale)
+
+
 def distill_dir(args, work: Path) -> Path:
-    """The student stage's folder, named by its fold length: a longer ``--guidance_steps`` is a new run."""
-    return work / f"distilled-fold-{args.guidance_steps}"
+    """The student stage's folder, named by its fold length and guidance range (1 to 8 unnamed, as the first run
+    was): a longer ``--guidance_steps`` or another range is a new run."""
+    low, high = fold_range(args)
+    scales = "" if (low, high) == (1, 8) else f"-s{low:g}" if low == high else f"-s{low:g}-{high:g}"
+    return work / f"distilled-fold-{args.guidance_steps}{scales}"
+
+
+def distill_teacher(args, work: Path, kind: str) -> Path:
+    """The pipeline the student stage distils: ``--distill_from``, else the chosen teacher in ``work``."""
+    return Path(args.distill_from) if args.distill_from else shipped_teacher(args, work, kind)
 
 
 def distill_rounds(args) -> int:
@@ -166,11 +199,12 @@ def stage_student(args, work: Path, kind: str) -> Path:
     out = distill_dir(args, work)
     student = out / f"round-{rounds}-4-steps"
     if not (student / "model_index.json").is_file():
-        run("distill.py", "--teacher", shipped_teacher(args, work, kind), "--teacher_steps", args.distill_teacher_steps,
+        low, high = fold_range(args)
+        run("distill.py", "--teacher", distill_teacher(args, work, kind), "--teacher_steps", args.distill_teacher_steps,
             "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
-            "--guidance_scale_min", 1, "--guidance_scale_max", 8, "--train_data_dir", work / "data",
+            "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", work / "data",
             "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
-            "--steps_per_round", args.distill_steps, "--train_batch_size", 32, "--learning_rate", "1e-4",
+            "--steps_per_round", args.distill_steps, "--train_batch_size", args.distill_batch_size, "--learning_rate", "1e-4",
             "--use_ema", "--checkpointing_steps", 250, "--output_dir", out, "--seed", args.seed,
             "--mixed_precision", args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS)
     return student
@@ -368,19 +402,19 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     out = distill_dir(args, work)
     student, report = out / f"round-{distill_rounds(args)}-4-steps", out / "eval-student.json"
     if not report.is_file():
-        run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", work / "clip", "--data_dir",
+        run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", scoring_clip(args, work), "--data_dir",
             work / "data", "--num_prompts", args.eval_prompts, "--guidance_scale", args.guidance_scale,
             "--output", report.with_suffix(".png"))
     target = Path(args.output_dir) / "emoji-student"
     ship_pipeline(student, target, trailing_ddim=False, half=("denoiser", "vae", "text_encoder"))
     shared = share_components(target, Path(args.output_dir) / "emoji")
     shutil.copy(report.with_name("eval-student-natural.png"), target / "samples.png")
-    shipped = shipped_teacher(args, work, kind)
-    ours, teacher = json.loads(report.read_text()), json.loads((work / f"eval-{shipped.name}.json").read_text())
+    source = distill_teacher(args, work, kind)
+    ours, teacher = json.loads(report.read_text()), evaluate_teacher(args, source, work / f"eval-{source.name}.json", work)
     rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
                       f"{r[k]['clip_score_ratio']:.2f} | {r[k]['frechet_clip_distance']:.3f} | "
                       f"{r[k]['seconds_per_image']:.3f} |"
-                      for k in SETS_TEXT for name, r in (("student, 4 steps", ours), (f"teacher ({kind}), 50 steps",
+                      for k in SETS_TEXT for name, r in (("student, 4 steps", ours), (f"teacher ({kind or source.name}), 50 steps",
                                                                                      teacher)))
     card = (target / "README.md").read_text().replace("license: apache-2.0", "license: cc-by-4.0")
     (target / "README.md").write_text(card.rstrip() + f"""
@@ -389,7 +423,7 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
 
 The 30 natural prompts: `samples.png` (one image each, seed = prompt index). Retrieval over all concepts with the
 project CLIP (`models/emoji-clip`), guidance {args.guidance_scale}; `training/evaluate.py --suite emoji --model
-{student} --clip {work}/clip --data_dir {work}/data --num_prompts {args.eval_prompts} --guidance_scale
+{student} --clip {scoring_clip(args, work)} --data_dir {work}/data --num_prompts {args.eval_prompts} --guidance_scale
 {args.guidance_scale}`:
 
 | model | set | top-1 | top-5 | CLIP score ratio | Fréchet CLIP distance | s / image |
@@ -435,6 +469,14 @@ class StageClock:
         self.add((time.perf_counter() - self.start) / 60)
 
 
+def chosen_kind(choice: Path) -> str:
+    """The teacher kind the evaluate-teachers stage chose."""
+    if not choice.is_file():
+        raise ValueError(f"{choice} is missing: run --stages evaluate-teachers first (it picks the teacher), or give "
+                         "--distill_from with a teacher pipeline (e.g. models/emoji) for the student stages.")
+    return json.loads(choice.read_text())["chosen"]
+
+
 def main(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -453,13 +495,13 @@ def main(args: argparse.Namespace) -> None:
             elif stage == "evaluate-teachers":
                 kind = stage_evaluate_teachers(args, work)
             elif stage == "continue-teacher":
-                stage_teacher_long(args, work, kind or json.loads(choice.read_text())["chosen"])
+                stage_teacher_long(args, work, kind or chosen_kind(choice))
             elif stage == "ship-teacher":
-                stage_ship_teacher(args, work, kind or json.loads(choice.read_text())["chosen"])
+                stage_ship_teacher(args, work, kind or chosen_kind(choice))
             elif stage == "student":
-                stage_student(args, work, kind or json.loads(choice.read_text())["chosen"])
+                stage_student(args, work, None if args.distill_from else kind or chosen_kind(choice))
             elif stage == "ship-student":
-                stage_ship_student(args, work, kind or json.loads(choice.read_text())["chosen"])
+                stage_ship_student(args, work, None if args.distill_from else kind or chosen_kind(choice))
 
 
 if __name__ == "__main__":
