@@ -523,6 +523,7 @@ class LatentPipeline(DiffusionPipeline):
         self.check_inputs(prompt, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
                           num_inference_steps, timesteps, num_images_per_prompt, output_type,
                           callback_on_step_end_tensor_inputs)
+        self._warn_untrained_guidance(guidance_scale)
         self._guidance_scale, self._guidance_rescale, self._interrupt = guidance_scale, guidance_rescale, False
         device = self._execution_device
 
@@ -549,6 +550,14 @@ class LatentPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         _call_state(self).scheduler = None
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _warn_untrained_guidance(self, guidance_scale: float) -> None:
+        """A guidance-distilled student warns when asked for a scale outside the range its fold trained on."""
+        trained = getattr(self.scheduler.config, "guidance_scale_range", None)
+        if self.guidance_distilled and trained and not trained[0] <= guidance_scale <= trained[1]:
+            logger.warning("guidance_scale %g is outside the range this student was distilled for (%g to %g): its "
+                           "guidance embedding never saw it, so expect images unlike either end of the range.",
+                           guidance_scale, trained[0], trained[1])
 
     def _defaults(self, height, width, num_inference_steps, guidance_scale) -> tuple:
         """Unset sizes: the denoiser's trained size; steps: a distilled scheduler's own count, else 50; guidance:

@@ -398,6 +398,13 @@ def check_stage(folder: Path, steps: int, teacher_steps: int, round_: int, guide
                         generator=gen(0)).images
         torch.testing.assert_close(run(5.0), latents, rtol=0, atol=0)
         assert (run(1.5) - latents).abs().max() > 0
+        # the fold's range (1 to 8 by default) is recorded; a scale outside it warns, one inside does not
+        assert sched.config.guidance_scale_range == [1.0, 8.0]
+        with caplog.at_level(logging.WARNING, logger="pipelines.pipeline_latent"):
+            run(8.0)
+            assert not [r for r in caplog.records if "outside the range" in r.getMessage()]
+            run(12.0)
+        assert [r for r in caplog.records if "outside the range this student was distilled for (1 to 8)" in r.getMessage()]
 
     card = (folder / "README.md").read_text()
     assert f"**{steps}-step** student" in card and f"{teacher_steps}-step grid" in card

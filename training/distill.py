@@ -168,7 +168,9 @@ def main(args: argparse.Namespace) -> Path:
         return ProgressiveDistillationScheduler(
             **schedule, prediction_type=prediction_type, num_distilled_steps=stage.student_steps,
             teacher_steps=stage.teacher_steps, distillation_round=stage.round,
-            guidance_scale=args.default_guidance_scale if stage.guided_student else None, timestep_spacing="trailing")
+            guidance_scale=args.default_guidance_scale if stage.guided_student else None,
+            guidance_scale_range=[args.guidance_scale_min, args.guidance_scale_max] if stage.guided_student else None,
+            timestep_spacing="trailing")
 
     if accelerator.is_main_process:  # one run; each stage logs its own curves ("round-1-32-steps/loss", ...)
         accelerator.init_trackers("distill", config=tracker_config(args))

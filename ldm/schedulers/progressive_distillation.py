@@ -49,6 +49,8 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         distillation_round: how many halvings produced this student (0 = not distilled).
         guidance_scale: for students with classifier-free guidance folded in, the guidance scale to sample with by
             default (``None`` for plain students).
+        guidance_scale_range: [low, high], the guidance scales the fold trained on (``LatentPipeline`` warns when a
+            call asks for a scale outside it: the guidance embedding never saw one); ``None`` when not recorded.
         timestep_spacing, clip_sample: unused here; recorded so that diffusers' DDIM ``from_config`` samples the same
             grid ("trailing") without clipping x0.
     """
@@ -70,6 +72,7 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         teacher_steps: int | None = None,
         distillation_round: int = 0,
         guidance_scale: float | None = None,
+        guidance_scale_range: list[float] | None = None,
         timestep_spacing: str = "trailing",
         clip_sample: bool = False,
     ):
@@ -80,6 +83,9 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         if rescale_betas_zero_snr and prediction_type == "epsilon":
             raise ValueError("An epsilon prediction cannot give x0 from pure noise (zero terminal SNR); "
                              "use v_prediction or sample.")
+        if guidance_scale_range is not None and not (len(guidance_scale_range) == 2
+                                                     and guidance_scale_range[0] <= guidance_scale_range[1]):
+            raise ValueError(f"guidance_scale_range must be [low, high] with low <= high, got {guidance_scale_range}")
         # the forward process is diffusers' own, so alpha-bar is exactly the table the teacher trained with
         forward = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
                                 beta_schedule=beta_schedule, trained_betas=trained_betas,
