@@ -10,13 +10,7 @@
 set -euo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source bench/device_env.sh  # the carried wheels on PYTHONPATH, the Hub offline
 python3 bench/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
 tmp=$(mktemp -d)
 python3 - "$tmp" <<'PY'

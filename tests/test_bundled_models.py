@@ -43,6 +43,7 @@ def student():
 def test_student_samples_with_its_distilled_step_count_and_one_forward_per_step(student):
     assert student.scheduler.config.num_distilled_steps == 4
     assert student.guidance_distilled
+    assert student.scheduler.config.guidance_scale_range == [1.0, 8.0]  # the fold's range: outside it, a warning
     calls = []
     student.denoiser.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
     image = student("a red circle on a blue background", generator=torch.Generator().manual_seed(0),

@@ -70,3 +70,27 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
         assert warn_if_emulated_bf16("bf16", torch.device("cpu")) == (not native)
         assert not warn_if_emulated_bf16("no", torch.device("cpu"))
     assert ("emulated" in caplog.text) == (not native)
+
+
+def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
+    """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 1,500 steps
+    in ``distilled-fold-1500``); another fold length or range is another folder, so it never resumes the wrong run;
+    a range that does not hold the sampling scale is refused; ``--distill_from`` replaces the work folder's teacher;
+    without it, and without the teacher choice, the stage says what to run."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    args = recipe.parse_args([])
+    assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-1500"
+    args = recipe.parse_args(["--guidance_range", "4", "4", "--guidance_steps", "1200"])
+    assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
+    assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
+        "distilled-fold-1500-s2-6"
+    with pytest.raises(ValueError, match="must hold --guidance_scale 4"):
+        recipe.fold_range(recipe.parse_args(["--guidance_range", "5", "8"]))
+    args = recipe.parse_args(["--distill_from", "models/emoji"])
+    assert recipe.distill_teacher(args, tmp_path, None) == Path("models/emoji")
+    with pytest.raises(ValueError, match="give --distill_from"):
+        recipe.chosen_kind(tmp_path / "teacher-choice.json")

@@ -24,13 +24,7 @@ BATCH=${BATCH:-256}
 DATA=${DATA:-work/emoji/data}
 mkdir -p "$OUT"
 [ -f "$DATA/train/metadata.jsonl" ] || { echo "no $DATA: run python -m ldm.data.emoji --out $DATA and carry it" >&2; exit 1; }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+source bench/device_env.sh  # the carried wheels on PYTHONPATH, the Hub offline
 extra=(--mixed_precision bf16 --allow_tf32 --dataloader_num_workers 4)
 if [ -n "${SMOKE:-}" ]; then
   STEPS=2 BATCH=4 extra=(--mixed_precision no --max_train_samples 64)

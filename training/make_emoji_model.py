@@ -18,9 +18,9 @@ interrupted command picks up where it stopped):
 6. ``continue-teacher``: the better teacher trained on to ``--long_teacher_steps`` from its last checkpoint, and
    evaluated the same way;
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
-8. ``student``: ``distill.py``: guidance folded in at ``--guidance_scale`` (or over ``--guidance_range``) on the
-   teacher's ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji``
-   distils the shipped teacher when the work folder's teacher is gone;
+8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
+   ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
+   the shipped teacher when the work folder's teacher is gone;
 9. ``ship-student``: the emoji suite on the 4-step student, shipped as ``models/emoji-student`` with its card.
 
 Precision: ``--mixed_precision auto`` (default) trains in bf16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX)
@@ -68,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance_steps", type=int, default=1500, help="steps of the guidance-folding stage")
     p.add_argument("--distill_steps", type=int, default=800, help="steps of each halving round")
     p.add_argument("--distill_batch_size", type=int, default=32, help="batch of the fold and of each round")
-    p.add_argument("--guidance_range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="guidance scales the fold trains on (default: --guidance_scale alone, a student that samples "
-                        "at that one scale; a range such as 1 8 keeps guidance_scale adjustable but needs a longer fold)")
+    p.add_argument("--guidance_range", type=float, nargs=2, default=[1.0, 8.0], metavar=("LOW", "HIGH"),
+                   help="guidance scales the fold trains on (the shipped student: 1 to 8, so guidance_scale stays "
+                        "adjustable; LOW = HIGH folds one scale only)")
     p.add_argument("--distill_from", default=None,
                    help="the teacher pipeline the student stage distils (default: the chosen teacher in --work_dir; "
                         "e.g. models/emoji when that folder is gone)")
@@ -171,8 +171,12 @@ def stage_evaluate_teachers(args, work: Path) -> str:
 
 
 def fold_range(args) -> tuple[float, float]:
-    """The guidance scales the fold trains on: ``--guidance_range``, else ``--guidance_scale`` alone."""
-    return tuple(args.guidance_range) if args.guidance_range else (args.guidance_scale, args.guidance_scale)
+    """The guidance scales the fold trains on (``--guidance_range``), checked to hold ``--guidance_scale``."""
+    low, high = args.guidance_range
+    if not low <= args.guidance_scale <= high:
+        raise ValueError(f"--guidance_range {low:g} {high:g} must hold --guidance_scale {args.guidance_scale:g}, the "
+                         "scale the student samples with by default.")
+    return low, high
 
 
 def distill_dir(args, work: Path) -> Path:
@@ -204,7 +208,8 @@ def stage_student(args, work: Path, kind: str) -> Path:
             "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
             "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", work / "data",
             "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
-            "--steps_per_round", args.distill_steps, "--train_batch_size", args.distill_batch_size, "--learning_rate", "1e-4",
+            "--steps_per_round", args.distill_steps, "--train_batch_size", args.distill_batch_size,
+            "--learning_rate", "1e-4",
             "--use_ema", "--checkpointing_steps", 250, "--output_dir", out, "--seed", args.seed,
             "--mixed_precision", args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS)
     return student
@@ -410,7 +415,8 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     shared = share_components(target, Path(args.output_dir) / "emoji")
     shutil.copy(report.with_name("eval-student-natural.png"), target / "samples.png")
     source = distill_teacher(args, work, kind)
-    ours, teacher = json.loads(report.read_text()), evaluate_teacher(args, source, work / f"eval-{source.name}.json", work)
+    ours = json.loads(report.read_text())
+    teacher = evaluate_teacher(args, source, work / f"eval-{source.name}.json", work)
     rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
                       f"{r[k]['clip_score_ratio']:.2f} | {r[k]['frechet_clip_distance']:.3f} | "
                       f"{r[k]['seconds_per_image']:.3f} |"
