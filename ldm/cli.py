@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     gen.add_argument("--xformers", action="store_true", help="use xformers attention (needs the xformers extra)")
     gen.add_argument("--threads", type=int, default=None,
-                     help="CPU threads (default: OMP_NUM_THREADS, else the idle CPUs: cores minus the load average)")
+                     help="CPU threads (default: OMP_NUM_THREADS, else the idle CPUs: cores minus those busy now)")
     gen.add_argument("--output_dir", default=None, help="also write every image here (<row>-<column>.png)")
     return parser
 
@@ -74,14 +74,38 @@ def resolve_device(name: str | None) -> str:
     return name
 
 
-def default_threads() -> int:
+def busy_cpus(interval: float = 0.25) -> float:
+    """CPUs that other processes keep busy now: the non-idle share of the machine's CPU time in ``/proc/stat`` over
+    ``interval`` seconds, during which this process sleeps. Where ``/proc/stat`` is missing, the 1-minute load
+    average (which also counts this process's own recent work: the imports, a pip install before it)."""
+    import os
+    import time
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(interval)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def default_threads(busy: float | None = None) -> int:
     """CPU threads for torch when neither ``--threads`` nor ``OMP_NUM_THREADS`` says: the CPUs this process may
-    use minus those other processes keep busy (load average), at least 1. torch's default (every core) makes a
-    busy 2-core machine ~10x slower (93.8 s instead of 8.3 s for the quick start)."""
+    use minus those other processes keep busy (``busy``, default ``busy_cpus()``), at least 1. torch's default (every
+    core) makes a busy 2-core machine ~10x slower (93.8 s instead of 8.3 s for the quick start); the 1-minute load
+    average, used before, counted this process's own imports and picked 1 thread on an idle 2-core machine after a
+    fresh install (the main command's sampling took 87.5 s instead of 48.1 s)."""
     import os
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, round(cpus - os.getloadavg()[0])))
+    busy = busy_cpus() if busy is None else busy
+    return max(1, min(cpus, round(cpus - busy)))
 
 
 def set_threads(threads: int | None) -> None:

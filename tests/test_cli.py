@@ -116,15 +116,23 @@ def test_individual_images_and_version(cli):
     assert version.returncode == 0 and version.stdout.startswith("ldm ")
 
 
-def test_default_threads_leave_busy_cores_alone(monkeypatch):
+def test_default_threads_leave_busy_cores_alone():
     import os
+    import subprocess
+    import sys
+    import time
 
-    from ldm.cli import default_threads
+    from ldm.cli import busy_cpus, default_threads
 
     cpus = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert default_threads() == cpus
-    monkeypatch.setattr(os, "getloadavg", lambda: (cpus - 1.0, 0.0, 0.0))
-    assert default_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 5.0, 0.0, 0.0))
-    assert default_threads() == 1
+    assert default_threads(busy=0.0) == cpus
+    assert default_threads(busy=cpus - 1.0) == 1
+    assert default_threads(busy=cpus + 5.0) == 1
+    # measured, not averaged: a process spinning on one core shows up as (at least most of) one busy CPU
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cpus(0.5) >= 0.7
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: OMP_NUM_THREADS, else the idle CPUs: cores minus the load average)")
+                   help="CPU threads (default: OMP_NUM_THREADS, else the idle CPUs: cores minus those busy now)")
     p.add_argument("--fid", action="store_true",
                    help="also FID against real renders (pip install 'ldm-hf[eval]' and Inception weights)")
     p.add_argument("--clip_score", default=None,
