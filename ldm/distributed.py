@@ -12,11 +12,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or another accelerator)."""
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def multi_process_without_accelerator() -> bool:
     """True for ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs: accelerate then needs
     ``cpu=True`` to form a gloo process group (otherwise every process would train alone)."""
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -30,8 +34,7 @@ def resolve_mixed_precision(choice: str | None) -> str | None:
     """``"auto"`` -> ``"bf16"`` on a GPU or a CPU with native bf16, else ``"no"``; any other value unchanged."""
     if choice != "auto":
         return choice
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return "bf16" if has_accelerator or cpu_has_native_bf16() else "no"
+    return "bf16" if has_accelerator() or cpu_has_native_bf16() else "no"
 
 
 def warn_if_emulated_bf16(mixed_precision: str | None, device: torch.device) -> bool:

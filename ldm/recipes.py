@@ -19,9 +19,13 @@ def run(script: str, *args) -> None:
 
 def add_recipe_arguments(parser, mixed_precision: str) -> None:
     """The flags every recipe ends with: the shipped guidance, the evaluation size, precision and seed."""
+    from .distributed import resolve_mixed_precision
+
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="the bundled models' default guidance")
     parser.add_argument("--eval_prompts", type=int, default=96, help="prompts per evaluation set")
-    parser.add_argument("--mixed_precision", default=mixed_precision, choices=["auto", "no", "bf16", "fp16"],
+    # "auto" is resolved as it is parsed (argparse converts a string default too), so args hold no, bf16 or fp16
+    parser.add_argument("--mixed_precision", default=mixed_precision, type=resolve_mixed_precision,
+                        choices=["no", "bf16", "fp16"], metavar="{auto,no,bf16,fp16}",
                         help="for every stage; auto: bf16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX), "
                              "else no (an AVX2 CPU emulates bf16, about 10x slower than float32)")
     parser.add_argument("--seed", type=int, default=0)

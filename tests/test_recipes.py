@@ -82,7 +82,10 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     from conftest import load_script
 
     recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    from ldm.distributed import resolve_mixed_precision
+
     args = recipe.parse_args([])
+    assert args.mixed_precision == resolve_mixed_precision("auto")  # "auto" is resolved as it is parsed
     assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-1500"
     args = recipe.parse_args(["--guidance_range", "4", "4", "--guidance_steps", "1200"])
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"

@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
-from ldm.distributed import resolve_mixed_precision
 from ldm.recipes import add_recipe_arguments, run
 
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher", "ship-teacher",
@@ -75,9 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the teacher pipeline the student stage distils (default: the chosen teacher in --work_dir; "
                         "e.g. models/emoji when that folder is gone)")
     add_recipe_arguments(p, "auto")
-    args = p.parse_args(argv)
-    args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    return args
+    return p.parse_args(argv)
 
 
 def stage_data(args, work: Path) -> None:
@@ -420,8 +417,8 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
                       f"{r[k]['clip_score_ratio']:.2f} | {r[k]['frechet_clip_distance']:.3f} | "
                       f"{r[k]['seconds_per_image']:.3f} |"
-                      for k in SETS_TEXT for name, r in (("student, 4 steps", ours), (f"teacher ({kind or source.name}), 50 steps",
-                                                                                     teacher)))
+                      for k in SETS_TEXT
+                      for name, r in (("student, 4 steps", ours), (f"teacher ({kind or source.name}), 50 steps", teacher)))
     card = (target / "README.md").read_text().replace("license: apache-2.0", "license: cc-by-4.0")
     (target / "README.md").write_text(card.rstrip() + f"""
 

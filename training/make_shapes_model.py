@@ -23,7 +23,6 @@ import json
 import time
 from pathlib import Path
 
-from ldm.distributed import resolve_mixed_precision
 from ldm.recipes import add_recipe_arguments, run, ship_pipeline
 
 
@@ -65,9 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill_batch_size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=4)
     add_recipe_arguments(p, "no")
-    args = p.parse_args(argv)
-    args.mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    return args
+    return p.parse_args(argv)
 
 
 VALIDATION_PROMPTS = ("a red circle on a white background", "a blue square on a black background",
