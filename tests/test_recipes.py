@@ -73,8 +73,8 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
 
 
 def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
-    """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 1,500 steps
-    in ``distilled-fold-1500``); another fold length or range is another folder, so it never resumes the wrong run;
+    """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 2,400 steps
+    in ``distilled-fold-2400``); another fold length or range is another folder, so it never resumes the wrong run;
     a range that does not hold the sampling scale is refused; ``--distill_from`` replaces the work folder's teacher;
     without it, and without the teacher choice, the stage says what to run."""
     from pathlib import Path
@@ -86,11 +86,11 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
 
     args = recipe.parse_args([])
     assert args.mixed_precision == resolve_mixed_precision("auto")  # "auto" is resolved as it is parsed
-    assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-1500"
+    assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-2400"
     args = recipe.parse_args(["--guidance_range", "4", "4", "--guidance_steps", "1200"])
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
     assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
-        "distilled-fold-1500-s2-6"
+        "distilled-fold-2400-s2-6"
     with pytest.raises(ValueError, match="must hold --guidance_scale 4"):
         recipe.fold_range(recipe.parse_args(["--guidance_range", "5", "8"]))
     args = recipe.parse_args(["--distill_from", "models/emoji"])

@@ -62,10 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
     p.add_argument("--dit_size", nargs=3, type=int, default=[256, 10, 4], metavar=("WIDTH", "DEPTH", "HEADS"),
                    help="DiT width, depth, heads (patch 2); the default matches the U-Net's FLOPs per image")
-    p.add_argument("--distill_teacher_steps", type=int, default=32, choices=[8, 16, 32, 64],
+    p.add_argument("--distill_teacher_steps", type=int, default=16, choices=[8, 16, 32, 64],
                    help="the guided teacher's steps the first halving round starts from (halved down to 4)")
-    p.add_argument("--guidance_steps", type=int, default=1500, help="steps of the guidance-folding stage")
-    p.add_argument("--distill_steps", type=int, default=800, help="steps of each halving round")
+    p.add_argument("--guidance_steps", type=int, default=2400, help="steps of the guidance-folding stage")
+    p.add_argument("--distill_steps", type=int, default=500, help="steps of each halving round")
     p.add_argument("--distill_batch_size", type=int, default=32, help="batch of the fold and of each round")
     p.add_argument("--guidance_range", type=float, nargs=2, default=[1.0, 8.0], metavar=("LOW", "HIGH"),
                    help="guidance scales the fold trains on (the shipped student: 1 to 8, so guidance_scale stays "
