@@ -106,3 +106,17 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
     a = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
     assert abs(frechet_distance(a, a)) < 1e-6
     assert frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.05)  # |mean shift|^2, same covariance
+
+
+def test_reports_of_several_seeds_pool_weighted_by_their_prompts():
+    from ldm.eval.emoji_suite import pool_reports
+
+    one = {"train": {"n": 96, "top1": 0.5, "top5": 0.75, "clip_score_ratio": 0.9, "seconds_per_image": 1.0},
+           "natural": {"n": 30, "top1": 0.2, "top5": 0.6, "clip_score_ratio": 0.8, "seconds_per_image": 1.0}}
+    two = {"train": {"n": 32, "top1": 0.25, "top5": 0.5, "clip_score_ratio": 0.7, "seconds_per_image": 3.0}}
+    pooled = pool_reports([one, two])
+    assert pooled["train"]["n"] == 128 and pooled["train"]["top1"] == pytest.approx((48 + 8) / 128)
+    assert pooled["train"]["top5"] == pytest.approx((72 + 16) / 128)
+    assert pooled["train"]["clip_score_ratio"] == pytest.approx((96 * 0.9 + 32 * 0.7) / 128)
+    assert pooled["train"]["top5_per_seed"] == [0.75, 0.5] and pooled["natural"]["n"] == 30
+    assert "heldout" not in pooled

@@ -74,7 +74,8 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
 
 def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 2,400 steps
-    in ``distilled-fold-2400``); another fold length or range is another folder, so it never resumes the wrong run;
+    in ``distilled-fold-2400``); another fold length, range or round length is another folder, so it never resumes
+    the wrong run, and a run that only changes the round length starts from the finished fold;
     a range that does not hold the sampling scale is refused; ``--distill_from`` replaces the work folder's teacher;
     without it, and without the teacher choice, the stage says what to run."""
     from pathlib import Path
@@ -91,6 +92,16 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
     assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
         "distilled-fold-2400-s2-6"
+    args = recipe.parse_args(["--distill_steps", "800"])  # only the rounds change: the finished fold is copied
+    out = recipe.distill_dir(args, tmp_path)
+    assert out.name == "distilled-fold-2400-r800"
+    recipe.reuse_fold(args, out)
+    assert not out.exists()  # no finished fold to reuse yet
+    fold = tmp_path / "distilled-fold-2400" / "guided-16-steps"
+    fold.mkdir(parents=True)
+    (fold / "model_index.json").write_text("{}")
+    recipe.reuse_fold(args, out)
+    assert (out / "guided-16-steps" / "model_index.json").read_text() == "{}"
     with pytest.raises(ValueError, match="must hold --guidance_scale 4"):
         recipe.fold_range(recipe.parse_args(["--guidance_range", "5", "8"]))
     args = recipe.parse_args(["--distill_from", "models/emoji"])

@@ -98,3 +98,37 @@ def test_evaluate_script_writes_json_and_grid_and_skips_fid_offline(tmp_path, ca
     from PIL import Image
 
     assert Image.open(tmp_path / "eval.png").size == (8 * 64, 64)
+
+
+def test_inspect_denoiser_rows_composite_alpha_and_keep_the_sampled_image(saved_pipes, tmp_path, capsys):
+    """``training/inspect_denoiser.py``: the real row is the alpha-composited image, the ``known`` / ``sampled`` rows
+    sit at the asked / nearest trajectory timesteps, and the final row is exactly the pipeline's own sample with the
+    same seeds (watching the trajectory does not change it); one --prompt per --image is required."""
+    from PIL import Image
+
+    from pipelines import LatentPipeline
+
+    script = load_script("inspect_denoiser")
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48] = (200, 30, 30, 255)  # a red square on a transparent ground
+    Image.fromarray(rgba).save(tmp_path / "square.png")
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "grey.png")
+    args = script.parse_args(["--model", saved_pipes["unet"], "--image", str(tmp_path / "square.png"), "--prompt",
+                              "a red square", "--image", str(tmp_path / "grey.png"), "--prompt", "grey",
+                              "--timesteps", "100", "900", "--steps", "5", "--guidance_scale", "3",
+                              "--output", str(tmp_path / "inspect.png")])
+    rows = script.main(args)
+    assert list(rows)[:4] == ["real", "vae round trip", "known 100", "known 900"]
+    assert len(rows) == 7 and all(r.shape == (2, 3, 64, 64) for r in rows.values())
+    assert rows["real"][0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]  # transparent -> white
+    assert rows["real"][0, 0, 32, 32] > 0.5 and rows["real"][0, 1, 32, 32] < -0.5
+    pipe = LatentPipeline.from_pretrained(saved_pipes["unet"])
+    again = pipe(["a red square", "grey"], num_inference_steps=5, guidance_scale=3, output_type="pt",
+                 generator=[torch.Generator().manual_seed(i) for i in range(2)]).images
+    torch.testing.assert_close(rows["sampled, final"], again.float() * 2 - 1)
+    sampled = [int(k.split()[1]) for k in list(rows)[4:6]]  # from noise down, each a timestep of the run
+    assert sampled == sorted(sampled, reverse=True) and set(sampled) <= set(pipe.scheduler.timesteps.tolist())
+    assert Image.open(tmp_path / "inspect.png").size == (2 * 64, 7 * 64)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--model", "m", "--image", "a.png", "--image", "b.png", "--prompt", "a"])
+    assert "one --prompt per --image" in capsys.readouterr().err

@@ -20,7 +20,8 @@ interrupted command picks up where it stopped):
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
 8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
    ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
-   the shipped teacher when the work folder's teacher is gone;
+   the shipped teacher when the work folder's teacher is gone; a run that only changes the rounds'
+   ``--distill_steps`` copies the finished fold instead of training it again;
 9. ``ship-student``: the emoji suite on the 4-step student, shipped as ``models/emoji-student`` with its card.
 
 Precision: ``--mixed_precision auto`` (default) trains in bf16 on a GPU or a CPU with native bf16 (AVX512-BF16, AMX)
@@ -70,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance_range", type=float, nargs=2, default=[1.0, 8.0], metavar=("LOW", "HIGH"),
                    help="guidance scales the fold trains on (the shipped student: 1 to 8, so guidance_scale stays "
                         "adjustable; LOW = HIGH folds one scale only)")
+    p.add_argument("--eval_seeds", type=int, default=3,
+                   help="seeds the student and its teacher are compared over (evaluate.py --num_seeds): one seed's "
+                        "96 prompts resolve top-5 retrieval to about +-5 points, three to about +-3")
     p.add_argument("--distill_from", default=None,
                    help="the teacher pipeline the student stage distils (default: the chosen teacher in --work_dir; "
                         "e.g. models/emoji when that folder is gone)")
@@ -149,12 +153,12 @@ def scoring_clip(args, work: Path) -> Path:
     return work / "clip" if (work / "clip" / "config.json").is_file() else Path(args.output_dir) / "emoji-clip"
 
 
-def evaluate_teacher(args, folder: Path, report: Path, work: Path | None = None) -> dict:
+def evaluate_teacher(args, folder: Path, report: Path, work: Path | None = None, seeds: int = 1) -> dict:
     work = work or folder.parent
     if not report.is_file():
         run("evaluate.py", "--suite", "emoji", "--model", folder, "--clip", scoring_clip(args, work), "--data_dir",
             work / "data", "--num_prompts", args.eval_prompts, "--steps", 50, "--guidance_scale",
-            args.guidance_scale, "--output", report.with_suffix(".png"))
+            args.guidance_scale, "--num_seeds", seeds, "--output", report.with_suffix(".png"))
     return json.loads(report.read_text())
 
 
@@ -176,12 +180,24 @@ def fold_range(args) -> tuple[float, float]:
     return low, high
 
 
-def distill_dir(args, work: Path) -> Path:
-    """The student stage's folder, named by its fold length and guidance range (1 to 8 unnamed, as the first run
-    was): a longer ``--guidance_steps`` or another range is a new run."""
+def distill_dir(args, work: Path, rounds: bool = True) -> Path:
+    """The student stage's folder, named by its fold length, guidance range (1 to 8 unnamed, as the first run was)
+    and round length (500 unnamed): a longer ``--guidance_steps``, another range or ``--distill_steps`` is a new run.
+    ``rounds=False``: the folder of the same fold with the default round length."""
     low, high = fold_range(args)
     scales = "" if (low, high) == (1, 8) else f"-s{low:g}" if low == high else f"-s{low:g}-{high:g}"
-    return work / f"distilled-fold-{args.guidance_steps}{scales}"
+    length = "" if not rounds or args.distill_steps == 500 else f"-r{args.distill_steps}"
+    return work / f"distilled-fold-{args.guidance_steps}{scales}{length}"
+
+
+def reuse_fold(args, out: Path) -> None:
+    """Copy a finished guidance fold of the same length and range from the default-round-length folder into
+    ``out``, so a run that only changes ``--distill_steps`` starts at the rounds (the fold is most of the time)."""
+    fold = f"guided-{args.distill_teacher_steps}-steps"
+    source = distill_dir(args, out.parent, rounds=False) / fold
+    if source != out / fold and (source / "model_index.json").is_file() and not (out / fold).exists():
+        print(f"Reusing the finished fold {source} for {out}", flush=True)
+        shutil.copytree(source, out / fold)
 
 
 def distill_teacher(args, work: Path, kind: str) -> Path:
@@ -201,6 +217,7 @@ def stage_student(args, work: Path, kind: str) -> Path:
     student = out / f"round-{rounds}-4-steps"
     if not (student / "model_index.json").is_file():
         low, high = fold_range(args)
+        reuse_fold(args, out)
         run("distill.py", "--teacher", distill_teacher(args, work, kind), "--teacher_steps", args.distill_teacher_steps,
             "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
             "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", work / "data",
@@ -396,6 +413,15 @@ machines: {times}).
 """
 
 
+def student_row(name: str, report: dict, key: str) -> str:
+    """A row of the student card's table: pooled over the seeds (when the report has them) and the first seed."""
+    first = report[key]
+    pooled = report.get("pooled", {}).get(key, first)
+    return (f"| {name} | {SETS_TEXT[key]} | {pooled['n']} | {pct(pooled['top1'])} / {pct(pooled['top5'])} | "
+            f"{pct(first['top1'])} / {pct(first['top5'])} | {first['clip_score_ratio']:.2f} | "
+            f"{first['frechet_clip_distance']:.3f} | {pooled['seconds_per_image']:.3f} |")
+
+
 def stage_ship_student(args, work: Path, kind: str) -> None:
     """The 4-step student on the emoji suite, shipped as ``models/emoji-student`` (float16 storage) with its card
     (distill.py's, licensed as its data requires, plus the student-vs-teacher table)."""
@@ -406,18 +432,16 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     if not report.is_file():
         run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", scoring_clip(args, work), "--data_dir",
             work / "data", "--num_prompts", args.eval_prompts, "--guidance_scale", args.guidance_scale,
-            "--output", report.with_suffix(".png"))
+            "--num_seeds", args.eval_seeds, "--output", report.with_suffix(".png"))
     target = Path(args.output_dir) / "emoji-student"
     ship_pipeline(student, target, trailing_ddim=False, half=("denoiser", "vae", "text_encoder"))
     shared = share_components(target, Path(args.output_dir) / "emoji")
     shutil.copy(report.with_name("eval-student-natural.png"), target / "samples.png")
     source = distill_teacher(args, work, kind)
     ours = json.loads(report.read_text())
-    teacher = evaluate_teacher(args, source, work / f"eval-{source.name}.json", work)
-    rows = "\n".join(f"| {name} | {SETS_TEXT[k]} | {pct(r[k]['top1'])} | {pct(r[k]['top5'])} | "
-                      f"{r[k]['clip_score_ratio']:.2f} | {r[k]['frechet_clip_distance']:.3f} | "
-                      f"{r[k]['seconds_per_image']:.3f} |"
-                      for k in SETS_TEXT
+    seeds = f"-seeds{args.eval_seeds}" if args.eval_seeds > 1 else ""
+    teacher = evaluate_teacher(args, source, work / f"eval-{source.name}{seeds}.json", work, args.eval_seeds)
+    rows = "\n".join(student_row(name, r, k) for k in SETS_TEXT
                       for name, r in (("student, 4 steps", ours), (f"teacher ({kind or source.name}), 50 steps", teacher)))
     card = (target / "README.md").read_text().replace("license: apache-2.0", "license: cc-by-4.0")
     (target / "README.md").write_text(card.rstrip() + f"""
@@ -427,10 +451,12 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
 The 30 natural prompts: `samples.png` (one image each, seed = prompt index). Retrieval over all concepts with the
 project CLIP (`models/emoji-clip`), guidance {args.guidance_scale}; `training/evaluate.py --suite emoji --model
 {student} --clip {scoring_clip(args, work)} --data_dir {work}/data --num_prompts {args.eval_prompts} --guidance_scale
-{args.guidance_scale}`:
+{args.guidance_scale} --num_seeds {args.eval_seeds}`. Top-1 / top-5 over all {args.eval_seeds} seed(s) (each seed draws
+its own prompts and noise; one seed's {args.eval_prompts} prompts resolve top-5 to about +-5 points) and for the first
+seed alone, whose images the grid shows and whose CLIP score ratio and Fréchet distance the table gives:
 
-| model | set | top-1 | top-5 | CLIP score ratio | Fréchet CLIP distance | s / image |
-|---|---|---|---|---|---|---|
+| model | set | prompts | top-1 / top-5, all seeds | top-1 / top-5, first seed | CLIP score ratio | Fréchet CLIP distance | s / image |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 ## Data and licences
