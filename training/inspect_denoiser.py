@@ -59,15 +59,25 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def estimate_x0(pipe, x_t: torch.Tensor, t: torch.Tensor, embeds, mask) -> torch.Tensor:
+    """The denoiser's clean latent estimate (B, C, h, w) from x_t at integer timesteps t (B,), conditional only
+    (a guidance-distilled student at w = 1, its conditional branch)."""
+    from ldm.losses import predicted_x0
+
+    denoiser = pipe.denoiser
+    extra = {"guidance": torch.ones(len(t))} if denoiser.config.get("guidance_embedding") else {}
+    pred = denoiser(x_t.to(denoiser.dtype), t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                    return_dict=False, **extra)[0][:, :x_t.shape[1]].float()
+    return predicted_x0(pipe.scheduler, pred, x_t, t, pipe.scheduler.config.prediction_type)
+
+
 @torch.no_grad()
 def inspect(pipe, images: torch.Tensor, prompts: list[str], timesteps: list[int], steps: int, seed: int,
             guidance_scale: float | None) -> dict[str, torch.Tensor]:
     """{row name: (B, 3, H, W) images in [-1, 1]} (module docstring); prints the ``known`` rows' latent MSE."""
     from ldm.latents import decode, encode_posterior, sample_posterior, to_denoiser_space
-    from ldm.losses import predicted_x0
 
-    vae, denoiser, scheduler = pipe.vae, pipe.denoiser, pipe.scheduler
-    kind = scheduler.config.prediction_type
+    vae, scheduler = pipe.vae, pipe.scheduler
     latents = to_denoiser_space(sample_posterior(encode_posterior(vae, images), "mean", None), vae)
     embeds, _, mask, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
     rows = {"real": images, "vae round trip": decode(vae, latents).float()}
@@ -75,9 +85,7 @@ def inspect(pipe, images: torch.Tensor, prompts: list[str], timesteps: list[int]
     for t in timesteps:
         t_batch = torch.full((len(prompts),), t, dtype=torch.long)
         x_t = scheduler.add_noise(latents, noise, t_batch)
-        pred = denoiser(x_t.to(denoiser.dtype), t_batch, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                        return_dict=False)[0][:, :latents.shape[1]].float()
-        x0 = predicted_x0(scheduler, pred, x_t, t_batch, kind)
+        x0 = estimate_x0(pipe, x_t, t_batch, embeds, mask)
         print(f"t={t}: latent MSE of the known x0 {((x0 - latents) ** 2).mean().item():.4f}")
         rows[f"known {t}"] = decode(vae, x0).float()
     steps_taken = []
@@ -94,10 +102,8 @@ def inspect(pipe, images: torch.Tensor, prompts: list[str], timesteps: list[int]
     for t in sorted(timesteps, reverse=True):  # the trajectory's latent nearest t, from noise down, denoised in one conditional forward as above
         nearest = min(trajectory, key=lambda s: abs(s - t))
         t_batch = torch.full((len(prompts),), nearest, dtype=torch.long)
-        x_t = trajectory[nearest].float()
-        pred = denoiser(x_t.to(denoiser.dtype), t_batch, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                        return_dict=False)[0][:, :latents.shape[1]].float()
-        rows[f"sampled {nearest}"] = decode(vae, predicted_x0(scheduler, pred, x_t, t_batch, kind)).float()
+        rows[f"sampled {nearest}"] = decode(vae, estimate_x0(pipe, trajectory[nearest].float(), t_batch, embeds,
+                                                             mask)).float()
     rows["sampled, final"] = final.float() * 2 - 1
     return rows
 
