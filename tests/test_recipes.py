@@ -3,6 +3,8 @@ stores its teacher's identical components once."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -102,6 +104,10 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     (fold / "model_index.json").write_text("{}")
     recipe.reuse_fold(args, out)
     assert (out / "guided-16-steps" / "model_index.json").read_text() == "{}"
+    shutil.rmtree(fold.parent)  # and back: the default round length finds it in the -r800 folder
+    default = recipe.distill_dir(recipe.parse_args([]), tmp_path)
+    recipe.reuse_fold(recipe.parse_args([]), default)
+    assert (default / "guided-16-steps" / "model_index.json").is_file()
     with pytest.raises(ValueError, match="must hold --guidance_scale 4"):
         recipe.fold_range(recipe.parse_args(["--guidance_range", "5", "8"]))
     args = recipe.parse_args(["--distill_from", "models/emoji"])

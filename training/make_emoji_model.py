@@ -191,13 +191,17 @@ def distill_dir(args, work: Path, rounds: bool = True) -> Path:
 
 
 def reuse_fold(args, out: Path) -> None:
-    """Copy a finished guidance fold of the same length and range from the default-round-length folder into
-    ``out``, so a run that only changes ``--distill_steps`` starts at the rounds (the fold is most of the time)."""
+    """Copy a finished guidance fold of the same length and range from a folder that differs only in round length
+    into ``out``, so a run that only changes ``--distill_steps`` starts at the rounds (the fold is most of the time)."""
     fold = f"guided-{args.distill_teacher_steps}-steps"
-    source = distill_dir(args, out.parent, rounds=False) / fold
-    if source != out / fold and (source / "model_index.json").is_file() and not (out / fold).exists():
-        print(f"Reusing the finished fold {source} for {out}", flush=True)
-        shutil.copytree(source, out / fold)
+    if (out / fold).exists():
+        return
+    base = distill_dir(args, out.parent, rounds=False)
+    for source in [base / fold, *sorted(p / fold for p in out.parent.glob(f"{base.name}-r*"))]:
+        if source != out / fold and (source / "model_index.json").is_file():
+            print(f"Reusing the finished fold {source} for {out}", flush=True)
+            shutil.copytree(source, out / fold)
+            return
 
 
 def distill_teacher(args, work: Path, kind: str) -> Path:
