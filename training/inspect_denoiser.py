@@ -44,18 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """(B, 3, size, size) in [-1, 1], alpha composited onto white."""
-    from PIL import Image
-
+    """(B, 3, size, size) in [-1, 1], alpha composited onto white (as the emoji data builder does)."""
+    from ldm.data.emoji import on_white
     from ldm.data.image_caption import image_to_tensor
 
     out = []
     for path in paths:
         if not Path(path).is_file():
             raise OSError(f"--image {path} does not exist.")
-        image = Image.open(path).convert("RGBA")
-        white = Image.new("RGBA", image.size, "white")
-        out.append(image_to_tensor(Image.alpha_composite(white, image).convert("RGB"), size))
+        out.append(image_to_tensor(on_white(Path(path).read_bytes()), size))
     return torch.stack(out)
 
 
@@ -99,7 +96,8 @@ def inspect(pipe, images: torch.Tensor, prompts: list[str], timesteps: list[int]
                  callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"]).images
     # the latent after the step at t_i sits at t_{i+1}: the noisy latents of the trajectory, by their timestep
     trajectory = {t: x for (t, _), (_, x) in zip(steps_taken[1:], steps_taken[:-1])}
-    for t in sorted(timesteps, reverse=True):  # the trajectory's latent nearest t, from noise down, denoised in one conditional forward as above
+    # from noise down: the trajectory's latent nearest each t, denoised in one conditional forward as above
+    for t in sorted(timesteps, reverse=True):
         nearest = min(trajectory, key=lambda s: abs(s - t))
         t_batch = torch.full((len(prompts),), nearest, dtype=torch.long)
         rows[f"sampled {nearest}"] = decode(vae, estimate_x0(pipe, trajectory[nearest].float(), t_batch, embeds,

@@ -43,6 +43,7 @@ from ldm.recipes import add_recipe_arguments, run
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher", "ship-teacher",
           "student", "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
+ROUND_STEPS = 500  # the default steps of each halving round; its student folder's name leaves them out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill_teacher_steps", type=int, default=16, choices=[8, 16, 32, 64],
                    help="the guided teacher's steps the first halving round starts from (halved down to 4)")
     p.add_argument("--guidance_steps", type=int, default=2400, help="steps of the guidance-folding stage")
-    p.add_argument("--distill_steps", type=int, default=500, help="steps of each halving round")
+    p.add_argument("--distill_steps", type=int, default=ROUND_STEPS, help="steps of each halving round")
     p.add_argument("--distill_batch_size", type=int, default=32, help="batch of the fold and of each round")
     p.add_argument("--guidance_range", type=float, nargs=2, default=[1.0, 8.0], metavar=("LOW", "HIGH"),
                    help="guidance scales the fold trains on (the shipped student: 1 to 8, so guidance_scale stays "
@@ -182,11 +183,11 @@ def fold_range(args) -> tuple[float, float]:
 
 def distill_dir(args, work: Path, rounds: bool = True) -> Path:
     """The student stage's folder, named by its fold length, guidance range (1 to 8 unnamed, as the first run was)
-    and round length (500 unnamed): a longer ``--guidance_steps``, another range or ``--distill_steps`` is a new run.
+    and round length (``ROUND_STEPS`` unnamed): a longer ``--guidance_steps``, another range or ``--distill_steps`` is a new run.
     ``rounds=False``: the folder of the same fold with the default round length."""
     low, high = fold_range(args)
     scales = "" if (low, high) == (1, 8) else f"-s{low:g}" if low == high else f"-s{low:g}-{high:g}"
-    length = "" if not rounds or args.distill_steps == 500 else f"-r{args.distill_steps}"
+    length = "" if not rounds or args.distill_steps == ROUND_STEPS else f"-r{args.distill_steps}"
     return work / f"distilled-fold-{args.guidance_steps}{scales}{length}"
 
 
