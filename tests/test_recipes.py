@@ -114,3 +114,45 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     assert recipe.distill_teacher(args, tmp_path, None) == Path("models/emoji")
     with pytest.raises(ValueError, match="give --distill_from"):
         recipe.chosen_kind(tmp_path / "teacher-choice.json")
+
+
+def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_of_gone_teachers(tmp_path):
+    """``refine-teacher`` fine-tunes the continued teacher (or ``--refine_from``) on mid-noise logit-normal
+    timesteps into its own folder, which then ships; ``--refine_steps 0`` ships the continued one. The teachers'
+    table keeps the rows of teachers whose folders are gone (from the shipped ``teachers.json``), and a refined row
+    counts the steps, FLOPs and minutes of the run it started from. Without the teacher choice, the kind comes from
+    the ``--refine_from`` pipeline's denoiser."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+    from ldm.flops import denoiser_training_flops
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    assert recipe.shipped_teacher(recipe.parse_args([]), tmp_path, "unet").name == "teacher-unet-long"  # default
+    args = recipe.parse_args(["--refine_steps", "2400"])
+    assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine"
+    assert recipe.long_teacher(args, tmp_path, "unet").name == "teacher-unet-long"
+    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, Path("models/emoji"), tmp_path / "out")]
+    flag = {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("--")}
+    assert flag["--pretrained_model_name_or_path"] == "models/emoji" and "--denoiser" not in flag
+    assert (flag["--weighting_scheme"], flag["--logit_mean"], flag["--max_train_steps"]) == \
+        ("logit_normal", "0", "2400")
+
+    folder = tmp_path / "teacher-unet-refine"
+    pipe = tiny_pipeline("unet", seed=0)
+    pipe.save_pretrained(folder)
+    (folder / "training_args.json").write_text(json.dumps({"max_train_steps": 10, "train_batch_size": 4}))
+    (tmp_path / "eval-teacher-unet-refine.json").write_text(json.dumps({"train": {"top5": 0.5}}))
+    (tmp_path / "timings.json").write_text(json.dumps({"refine-teacher": 5.0}))
+    saved = [{"name": n, "steps": s, "pflop": 1.0, "minutes": m} for n, s, m in
+             (("unet", 4000, 286), ("dit", 4000, 275), ("unet-long", 6000, 378))]
+    rows = recipe.teacher_rows(args, tmp_path, "unet", saved)
+    assert [r["name"] for r in rows] == ["unet", "dit", "unet-long", "unet-refine"] and rows[:3] == saved
+    refined = rows[3]
+    assert (refined["steps"], refined["minutes"], refined["eval"]) == (6010, 383.0, {"train": {"top5": 0.5}})
+    assert refined["pflop"] == pytest.approx(1.0 + denoiser_training_flops(pipe.denoiser) * 40 / 1e15)
+
+    assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "unet"
+    (tmp_path / "teacher-choice.json").write_text(json.dumps({"chosen": "dit"}))
+    assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "dit"  # the record wins

@@ -17,6 +17,10 @@ interrupted command picks up where it stopped):
 5. ``evaluate-teachers``: ``evaluate.py --suite emoji`` on both; the better (held-out top-5) becomes the teacher;
 6. ``continue-teacher``: the better teacher trained on to ``--long_teacher_steps`` from its last checkpoint, and
    evaluated the same way;
+6b. ``refine-teacher`` (with ``--refine_steps N``; off by default): that teacher fine-tuned N steps more with the
+   training noise levels concentrated mid-way (``--weighting_scheme logit_normal``), where a sample commits to its
+   layout, and evaluated again;
+   ``--refine_from models/emoji`` refines the shipped teacher when the work folder's is gone;
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
 8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
    ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
@@ -40,7 +44,8 @@ from pathlib import Path
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
-STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher", "ship-teacher",
+STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher",
+          "refine-teacher", "ship-teacher",
           "student", "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 ROUND_STEPS = 500  # the default steps of each halving round; its student folder's name leaves them out
@@ -59,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long_teacher_steps", type=int, default=6000,
                    help="the chosen teacher continues to this many steps before shipping (a warm restart of the "
                         "cosine schedule at --teacher_steps; equal to --teacher_steps: no continuation)")
+    p.add_argument("--refine_steps", type=int, default=0,
+                   help="steps of the refine-teacher stage (mid-noise logit-normal timesteps, learning rate 1e-4, "
+                        "EMA 0.999), e.g. 2400; 0 (default, as the shipped teacher was made): no refinement")
+    p.add_argument("--refine_from", default=None,
+                   help="the teacher pipeline the refine-teacher stage fine-tunes (default: the continued teacher "
+                        "in --work_dir; e.g. models/emoji when that folder is gone)")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
@@ -113,16 +124,31 @@ def denoiser_config(args, work: Path, kind: str) -> Path:
     return path
 
 
+def t2i_recipe(args, work: Path, out: Path, resume) -> list:
+    """The ``train_t2i.py`` flags every teacher run shares: data, objective, caption dropout, batch, precision."""
+    return ["--train_data_dir", work / "data", "--resolution", 64, "--cache_latents", "--prediction_type",
+            "v_prediction", "--rescale_betas_zero_snr", "--caption_dropout", "0.1", "--use_ema", "--train_batch_size",
+            args.teacher_batch_size, "--lr_scheduler", "cosine", "--checkpoints_total_limit", 2,
+            "--resume_from_checkpoint", resume, "--mixed_precision", args.mixed_precision, "--validation_prompts",
+            *VALIDATION_PROMPTS, "--validation_guidance_scale", args.guidance_scale, "--output_dir", out, "--seed",
+            args.seed]
+
+
 def teacher_command(args, work: Path, kind: str, out: Path, steps: int, resume) -> list:
     return ["train_t2i.py", "--vae", work / "vae", "--text_encoder", work / "clip" / "text_encoder", "--tokenizer",
             work / "clip" / "tokenizer", "--denoiser", kind, "--denoiser_config", denoiser_config(args, work, kind),
-            "--train_data_dir", work / "data", "--resolution", 64, "--cache_latents", "--prediction_type",
-            "v_prediction", "--rescale_betas_zero_snr", "--caption_dropout", "0.1", "--use_ema", "--ema_decay",
-            "0.9995", "--train_batch_size", args.teacher_batch_size, "--learning_rate", args.teacher_lr,
-            "--lr_scheduler", "cosine", "--lr_warmup_steps", 500, "--max_train_steps", steps, "--checkpointing_steps",
-            250, "--checkpoints_total_limit", 2, "--resume_from_checkpoint", resume, "--mixed_precision",
-            args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS, "--validation_steps", 2500,
-            "--validation_guidance_scale", args.guidance_scale, "--output_dir", out, "--seed", args.seed]
+            *t2i_recipe(args, work, out, resume), "--ema_decay", "0.9995", "--learning_rate", args.teacher_lr,
+            "--lr_warmup_steps", 500, "--max_train_steps", steps, "--checkpointing_steps", 250, "--validation_steps",
+            2500]
+
+
+def refine_command(args, work: Path, start: Path, out: Path) -> list:
+    """Fine-tune the pipeline ``start`` with timesteps drawn logit-normal around t = 500 (SNR about 0.02 to 0.2
+    there under the zero-terminal-SNR schedule: the band where a sample commits to a layout), a fresh optimizer."""
+    return ["train_t2i.py", "--pretrained_model_name_or_path", start, *t2i_recipe(args, work, out, "latest"),
+            "--ema_decay", "0.999", "--learning_rate", "1e-4", "--lr_warmup_steps", 100, "--max_train_steps",
+            args.refine_steps, "--checkpointing_steps", 200, "--weighting_scheme", "logit_normal", "--logit_mean", 0,
+            "--logit_std", 1, "--validation_steps", 100000]
 
 
 def stage_teacher(args, work: Path, kind: str) -> None:
@@ -131,21 +157,37 @@ def stage_teacher(args, work: Path, kind: str) -> None:
         run(*teacher_command(args, work, kind, out, args.teacher_steps, "latest"))
 
 
-def shipped_teacher(args, work: Path, kind: str) -> Path:
-    """The folder of the teacher that ships: the continued one when ``--long_teacher_steps`` asks for more steps."""
+def long_teacher(args, work: Path, kind: str) -> Path:
+    """The continued teacher's folder (the 4,000-step one when ``--long_teacher_steps`` asks for no more)."""
     return work / (f"teacher-{kind}-long" if args.long_teacher_steps > args.teacher_steps else f"teacher-{kind}")
+
+
+def shipped_teacher(args, work: Path, kind: str) -> Path:
+    """The folder of the teacher that ships: the refined one unless ``--refine_steps 0``, else the continued one."""
+    return work / f"teacher-{kind}-refine" if args.refine_steps > 0 else long_teacher(args, work, kind)
 
 
 def stage_teacher_long(args, work: Path, kind: str) -> None:
     """The chosen teacher resumed from its last checkpoint and trained on to ``--long_teacher_steps`` (the cosine
     schedule restarts warm at the factor the longer run has at that step), then evaluated like both teachers."""
-    out = shipped_teacher(args, work, kind)
+    out = long_teacher(args, work, kind)
     if out == work / f"teacher-{kind}":
         return
     if not (out / "model_index.json").is_file():
         start = f"{work}/teacher-{kind}/checkpoint-{args.teacher_steps}"
         resume = "latest" if list(out.glob("checkpoint-*")) else start
         run(*teacher_command(args, work, kind, out, args.long_teacher_steps, resume))
+    evaluate_teacher(args, out, work / f"eval-{out.name}.json")
+
+
+def stage_refine_teacher(args, work: Path, kind: str) -> None:
+    """The continued teacher (or ``--refine_from``) fine-tuned ``--refine_steps`` on mid-noise timesteps, then
+    evaluated like the others."""
+    if args.refine_steps <= 0:
+        return
+    out = shipped_teacher(args, work, kind)
+    if not (out / "model_index.json").is_file():
+        run(*refine_command(args, work, Path(args.refine_from or long_teacher(args, work, kind)), out))
     evaluate_teacher(args, out, work / f"eval-{out.name}.json")
 
 
@@ -183,7 +225,8 @@ def fold_range(args) -> tuple[float, float]:
 
 def distill_dir(args, work: Path, rounds: bool = True) -> Path:
     """The student stage's folder, named by its fold length, guidance range (1 to 8 unnamed, as the first run was)
-    and round length (``ROUND_STEPS`` unnamed): a longer ``--guidance_steps``, another range or ``--distill_steps`` is a new run.
+    and round length (``ROUND_STEPS`` unnamed): a longer ``--guidance_steps``, another range or ``--distill_steps``
+    is a new run.
     ``rounds=False``: the folder of the same fold with the default round length."""
     low, high = fold_range(args)
     scales = "" if (low, high) == (1, 8) else f"-s{low:g}" if low == high else f"-s{low:g}-{high:g}"
@@ -286,9 +329,10 @@ def pct(x) -> str:
     return f"{100 * x:.1f} %"
 
 
-def teacher_figures(work: Path, folder: str) -> dict:
+def teacher_figures(work: Path, folder: str, base: dict | None = None) -> dict:
     """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation of the
-    teacher in ``work/folder`` (a continued teacher's time includes the run it continued)."""
+    teacher in ``work/folder``; a continued or refined teacher's steps, FLOPs and time include those of the ``base``
+    row it started from (for ``-long``: the stage timings of its 4,000-step run)."""
     import ldm
     from ldm.flops import denoiser_training_flops
 
@@ -296,22 +340,39 @@ def teacher_figures(work: Path, folder: str) -> dict:
     denoiser = getattr(ldm, index["denoiser"][1]).from_pretrained(work / folder / "denoiser")
     trained = json.loads((work / folder / "training_args.json").read_text())
     per_image = denoiser_training_flops(denoiser)
-    images = trained["max_train_steps"] * trained["train_batch_size"]
     timings = json.loads((work / "timings.json").read_text())
     kind = folder.split("-")[1]
-    minutes = timings.get(f"teacher-{kind}")
+    steps, minutes = trained["max_train_steps"], timings.get(f"teacher-{kind}")
     if folder.endswith("-long") and minutes is not None:
         minutes += timings.get("continue-teacher", 0)
+    pflop = per_image * steps * trained["train_batch_size"] / 1e15
+    if base is not None:
+        own = timings.get("refine-teacher")
+        steps, pflop = steps + base["steps"], pflop + base["pflop"]
+        minutes = base["minutes"] + own if base["minutes"] and own else None
     return {"kind": kind, "name": folder.removeprefix("teacher-"), "class": type(denoiser).__name__,
             "params": sum(p.numel() for p in denoiser.parameters()), "gflop_per_image": per_image / 1e9,
-            "pflop": per_image * images / 1e15, "images": images, "steps": trained["max_train_steps"],
-            "minutes": minutes, "eval": json.loads((work / f"eval-{folder}.json").read_text())}
+            "pflop": pflop, "steps": steps, "minutes": minutes,
+            "eval": json.loads((work / f"eval-{folder}.json").read_text())}
+
+
+def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
+    """The teachers' table, oldest first: every teacher folder in ``work`` measured; those no longer there taken
+    from ``saved`` (the ``teachers.json`` the last ``ship-teacher`` wrote beside the shipped model)."""
+    rows = {r["name"]: r for r in saved}
+    long, shipped = long_teacher(args, work, kind).name, shipped_teacher(args, work, kind).name
+    for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long, shipped)):
+        if (work / folder / "model_index.json").is_file():
+            base = rows.get(long.removeprefix("teacher-")) if folder.endswith("-refine") else None
+            rows[folder.removeprefix("teacher-")] = teacher_figures(work, folder, base)
+    return list(rows.values())
 
 
 def teachers_table(rows: list[dict], chosen: str) -> str:
-    head = ("| teacher | parameters | steps of 64 | training GFLOP / image | training PFLOP | wall time | train top-1 / top-5 | "
-            "held-out top-1 / top-5 | natural top-1 / top-5 | CLIP score ratio (train / held-out / natural) | "
-            "Fréchet CLIP distance (train) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| teacher | parameters | steps of 64 | training GFLOP / image | training PFLOP | wall time | "
+            "train top-1 / top-5 | held-out top-1 / top-5 | natural top-1 / top-5 | "
+            "CLIP score ratio (train / held-out / natural) | Fréchet CLIP distance (train) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         e = r["eval"]
@@ -319,8 +380,8 @@ def teachers_table(rows: list[dict], chosen: str) -> str:
         ratio = " / ".join(f"{e[k]['clip_score_ratio']:.2f}" for k in SETS_TEXT)
         name = f"**{r['name']}** (shipped)" if r["name"] == chosen else r["name"]
         minutes = f"{r['minutes']:.0f} min" if r["minutes"] else "?"
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['steps']} | {r['gflop_per_image']:.2f} | {r['pflop']:.2f} | {minutes} "
-                     f"| {sets} | {ratio} | {e['train']['frechet_clip_distance']:.3f} |")
+        lines.append(f"| {name} | {r['params'] / 1e6:.1f}M | {r['steps']} | {r['gflop_per_image']:.2f} | "
+                     f"{r['pflop']:.2f} | {minutes} | {sets} | {ratio} | {e['train']['frechet_clip_distance']:.3f} |")
     return head + "\n".join(lines)
 
 
@@ -340,11 +401,20 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
 
     out = Path(args.output_dir)
     target, shipped = out / "emoji", shipped_teacher(args, work, kind)
+    record = json.loads((target / "teachers.json").read_text()) if (target / "teachers.json").is_file() else {}
+    rows = teacher_rows(args, work, kind, record.get("rows", []))
+    timings = {**record.get("timings", {}), **{k: v for k, v in json.loads((work / "timings.json").read_text()).items()
+                                               if k in STAGES[:STAGES.index("ship-teacher") + 1]}}
     ship_pipeline(shipped, target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
-    ship_clip(work, out / "emoji-clip")
+    if (work / "clip" / "config.json").is_file():
+        ship_clip(work, out / "emoji-clip")
+    else:
+        print(f"{work}/clip is gone: {out}/emoji-clip stays as shipped", flush=True)
     shutil.copy(work / f"eval-{shipped.name}-natural.png", target / "samples.png")
-    rows = [teacher_figures(work, f) for f in dict.fromkeys(("teacher-unet", "teacher-dit", shipped.name))]
     chosen = next(r for r in rows if r["name"] == shipped.name.removeprefix("teacher-"))
+    brief = [dict(r, eval={k: {m: v for m, v in e.items() if m != "per_prompt"} if isinstance(e, dict) else e
+                           for k, e in r["eval"].items()}) for r in rows]
+    (target / "teachers.json").write_text(json.dumps({"rows": brief, "timings": timings}, indent=1))
     trained = json.loads((shipped / "training_args.json").read_text())
     hyper = {k: v for k, v in trained.items() if v is not None and k not in
              ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token", "license",
@@ -355,11 +425,22 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
         scheduler_class="DDIMScheduler (trailing)", prediction_type=trained["prediction_type"],
         beta_schedule=trained["beta_schedule"], zero_snr=True, example_prompt="a red fox",
         validation_image="samples.png", validation_prompts=", ".join(NATURAL_PROMPTS),
-        notes=teacher_notes(args, work, rows, chosen, shipped),
+        notes=teacher_notes(args, work, rows, chosen, shipped, timings),
     )
 
 
-def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path) -> str:
+def refine_note(args) -> str:
+    if args.refine_steps <= 0:
+        return ""
+    return f"""
+Then `--stages refine-teacher` fine-tuned it {args.refine_steps} steps more (fresh AdamW, learning rate 1e-4 with a
+100-step warm-up and cosine decay, EMA 0.999) with the training timesteps drawn logit-normal around t = 500
+(`--weighting_scheme logit_normal`, mean 0, std 1) instead of uniformly: the noise band (SNR about 0.02 to 0.2) where a
+sample from pure noise commits to its layout, which `training/inspect_denoiser.py` showed the continued teacher
+losing (the README's "Where the shapes are lost")."""
+
+
+def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict) -> str:
     """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``)."""
     report = chosen["eval"]
     steps, scale = report["steps"], report["guidance_scale"]
@@ -367,7 +448,6 @@ def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Pat
         f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
         f"{pct(report[k]['real_top5'])} | {report[k]['clip_score']:.3f} / {report[k]['real_clip_score']:.3f} = "
         f"{report[k]['clip_score_ratio']:.2f} | {report[k]['frechet_clip_distance']:.3f} |" for k in SETS_TEXT)
-    timings = json.loads((work / "timings.json").read_text())
     times = ", ".join(f"{k} {v:.0f} min" for k, v in timings.items())
     return f"""The samples above are the 30 natural prompts of the evaluation (one image each, seed = prompt index,
 {steps} DDIM steps, guidance {scale}).
@@ -384,9 +464,10 @@ guidance {scale}), retrieval over all concepts with the project CLIP (`models/em
 {teachers_table(rows, chosen["name"])}
 
 The better teacher by held-out top-5 retrieval ({chosen["kind"]}) was then trained on from its step-{args.teacher_steps}
-checkpoint to {chosen["steps"]} steps (`--stages continue-teacher`, `--long_teacher_steps`: the cosine schedule of the
-longer run restarts warm at that step), evaluated the same way and shipped: the row marked "shipped". The comparison
-of the two architectures is the pair of {args.teacher_steps}-step rows.
+checkpoint to {args.long_teacher_steps} steps (`--stages continue-teacher`, `--long_teacher_steps`: the cosine schedule
+of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}
+The row marked "shipped" is this model. The comparison of the two architectures is the pair of
+{args.teacher_steps}-step rows.
 
 ### Evaluation of the shipped teacher
 
@@ -404,7 +485,7 @@ Top-5 retrieval by emoji group:
 {group_table(report)}
 
 Command (on the trained folder; `models/emoji` is its float16-stored copy): `python training/evaluate.py --suite
-emoji --model {shipped} --clip {work}/clip --data_dir {work}/data --num_prompts {args.eval_prompts}
+emoji --model {shipped} --clip {scoring_clip(args, work)} --data_dir {work}/data --num_prompts {args.eval_prompts}
 --steps {steps} --guidance_scale {scale}`.
 
 ### Data and licences
@@ -447,7 +528,8 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     seeds = f"-seeds{args.eval_seeds}" if args.eval_seeds > 1 else ""
     teacher = evaluate_teacher(args, source, work / f"eval-{source.name}{seeds}.json", work, args.eval_seeds)
     rows = "\n".join(student_row(name, r, k) for k in SETS_TEXT
-                      for name, r in (("student, 4 steps", ours), (f"teacher ({kind or source.name}), 50 steps", teacher)))
+                      for name, r in (("student, 4 steps", ours),
+                                      (f"teacher ({kind or source.name}), 50 steps", teacher)))
     card = (target / "README.md").read_text().replace("license: apache-2.0", "license: cc-by-4.0")
     (target / "README.md").write_text(card.rstrip() + f"""
 
@@ -503,12 +585,16 @@ class StageClock:
         self.add((time.perf_counter() - self.start) / 60)
 
 
-def chosen_kind(choice: Path) -> str:
-    """The teacher kind the evaluate-teachers stage chose."""
-    if not choice.is_file():
-        raise ValueError(f"{choice} is missing: run --stages evaluate-teachers first (it picks the teacher), or give "
-                         "--distill_from with a teacher pipeline (e.g. models/emoji) for the student stages.")
-    return json.loads(choice.read_text())["chosen"]
+def chosen_kind(choice: Path, given: str | None = None) -> str:
+    """The teacher kind the evaluate-teachers stage chose; without its record, the kind of the denoiser in the
+    ``given`` pipeline (``--refine_from``), so a work folder whose teachers are gone can still refine and ship."""
+    if choice.is_file():
+        return json.loads(choice.read_text())["chosen"]
+    if given and (Path(given) / "model_index.json").is_file():
+        denoiser = json.loads((Path(given) / "model_index.json").read_text())["denoiser"][1]
+        return {"UNetModel": "unet", "DiTModel": "dit"}[denoiser]
+    raise ValueError(f"{choice} is missing: run --stages evaluate-teachers first (it picks the teacher), or give "
+                     "--distill_from with a teacher pipeline (e.g. models/emoji) for the student stages.")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -530,8 +616,10 @@ def main(args: argparse.Namespace) -> None:
                 kind = stage_evaluate_teachers(args, work)
             elif stage == "continue-teacher":
                 stage_teacher_long(args, work, kind or chosen_kind(choice))
+            elif stage == "refine-teacher":
+                stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
             elif stage == "ship-teacher":
-                stage_ship_teacher(args, work, kind or chosen_kind(choice))
+                stage_ship_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
             elif stage == "student":
                 stage_student(args, work, None if args.distill_from else kind or chosen_kind(choice))
             elif stage == "ship-student":
