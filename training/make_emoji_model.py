@@ -592,9 +592,13 @@ def chosen_kind(choice: Path, given: str | None = None) -> str:
         return json.loads(choice.read_text())["chosen"]
     if given and (Path(given) / "model_index.json").is_file():
         denoiser = json.loads((Path(given) / "model_index.json").read_text())["denoiser"][1]
-        return {"UNetModel": "unet", "DiTModel": "dit"}[denoiser]
+        kinds = {"UNetModel": "unet", "DiTModel": "dit"}
+        if denoiser not in kinds:
+            raise ValueError(f"{given} has a {denoiser} denoiser; the emoji recipe trains UNetModel or DiTModel.")
+        return kinds[denoiser]
     raise ValueError(f"{choice} is missing: run --stages evaluate-teachers first (it picks the teacher), or give "
-                     "--distill_from with a teacher pipeline (e.g. models/emoji) for the student stages.")
+                     "--distill_from with a teacher pipeline (e.g. models/emoji) for the student stages, "
+                     "--refine_from for refine-teacher and ship-teacher.")
 
 
 def main(args: argparse.Namespace) -> None:
