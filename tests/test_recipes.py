@@ -77,7 +77,8 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
 def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 2,400 steps
     in ``distilled-fold-2400``); another fold length, range or round length is another folder, so it never resumes
-    the wrong run, and a run that only changes the round length starts from the finished fold;
+    the wrong run, and a run that only changes the round length starts from the finished fold of the same teacher;
+    a folder records its teacher and refuses another;
     a range that does not hold the sampling scale is refused; ``--distill_from`` replaces the work folder's teacher;
     without it, and without the teacher choice, the stage says what to run."""
     from pathlib import Path
@@ -94,20 +95,34 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
     assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
         "distilled-fold-2400-s2-6"
+    teacher, other = tmp_path / "teacher", tmp_path / "other-teacher"
+    for folder, weights in ((teacher, b"old"), (other, b"new")):
+        (folder / "denoiser").mkdir(parents=True)
+        (folder / "denoiser" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
     args = recipe.parse_args(["--distill_steps", "800"])  # only the rounds change: the finished fold is copied
     out = recipe.distill_dir(args, tmp_path)
     assert out.name == "distilled-fold-2400-r800"
-    recipe.reuse_fold(args, out)
+    recipe.reuse_fold(args, out, teacher)
     assert not out.exists()  # no finished fold to reuse yet
     fold = tmp_path / "distilled-fold-2400" / "guided-16-steps"
     fold.mkdir(parents=True)
     (fold / "model_index.json").write_text("{}")
-    recipe.reuse_fold(args, out)
+    recipe.bind_teacher(fold.parent, teacher)
+    recipe.reuse_fold(args, out, other)
+    assert not out.exists()  # another teacher's fold is never reused
+    recipe.reuse_fold(args, out, teacher)
     assert (out / "guided-16-steps" / "model_index.json").read_text() == "{}"
+    recipe.bind_teacher(out, teacher)
     shutil.rmtree(fold.parent)  # and back: the default round length finds it in the -r800 folder
     default = recipe.distill_dir(recipe.parse_args([]), tmp_path)
-    recipe.reuse_fold(recipe.parse_args([]), default)
+    recipe.reuse_fold(recipe.parse_args([]), default, teacher)
     assert (default / "guided-16-steps" / "model_index.json").is_file()
+    # a student folder is tied to its teacher: a replaced teacher never resumes (or ships) the old distillation
+    with pytest.raises(ValueError, match="distils another teacher .* move that folder aside"):
+        recipe.bind_teacher(out, other)
+    recipe.bind_teacher(out, teacher)  # the same teacher resumes
+    with pytest.raises(ValueError, match="no denoiser/.*safetensors"):
+        recipe.bind_teacher(out, tmp_path / "not-a-pipeline")
     with pytest.raises(ValueError, match="must hold --guidance_scale 4"):
         recipe.fold_range(recipe.parse_args(["--guidance_range", "5", "8"]))
     args = recipe.parse_args(["--distill_from", "models/emoji"])
@@ -129,8 +144,9 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     from ldm.flops import denoiser_training_flops
 
     recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
-    assert recipe.shipped_teacher(recipe.parse_args([]), tmp_path, "unet").name == "teacher-unet-long"  # default
-    args = recipe.parse_args(["--refine_steps", "2400"])
+    assert recipe.shipped_teacher(recipe.parse_args(["--refine_steps", "0"]), tmp_path, "unet").name == \
+        "teacher-unet-long"
+    args = recipe.parse_args([])  # the shipped teacher's 2,400 refinement steps
     assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine"
     assert recipe.long_teacher(args, tmp_path, "unet").name == "teacher-unet-long"
     cmd = [str(c) for c in recipe.refine_command(args, tmp_path, Path("models/emoji"), tmp_path / "out")]

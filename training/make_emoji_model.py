@@ -17,7 +17,7 @@ interrupted command picks up where it stopped):
 5. ``evaluate-teachers``: ``evaluate.py --suite emoji`` on both; the better (held-out top-5) becomes the teacher;
 6. ``continue-teacher``: the better teacher trained on to ``--long_teacher_steps`` from its last checkpoint, and
    evaluated the same way;
-6b. ``refine-teacher`` (with ``--refine_steps N``; off by default): that teacher fine-tuned N steps more with the
+6b. ``refine-teacher`` (``--refine_steps``, 2,400 by default; 0 skips it): that teacher fine-tuned more with the
    training noise levels concentrated mid-way (``--weighting_scheme logit_normal``), where a sample commits to its
    layout, and evaluated again;
    ``--refine_from models/emoji`` refines the shipped teacher when the work folder's is gone;
@@ -35,6 +35,7 @@ and in float32 elsewhere: an AVX2-only CPU emulates bf16, about 12x slower than 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import threading
@@ -64,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long_teacher_steps", type=int, default=6000,
                    help="the chosen teacher continues to this many steps before shipping (a warm restart of the "
                         "cosine schedule at --teacher_steps; equal to --teacher_steps: no continuation)")
-    p.add_argument("--refine_steps", type=int, default=0,
+    p.add_argument("--refine_steps", type=int, default=2400,
                    help="steps of the refine-teacher stage (mid-noise logit-normal timesteps, learning rate 1e-4, "
-                        "EMA 0.999), e.g. 2400; 0 (default, as the shipped teacher was made): no refinement")
+                        "EMA 0.999; the shipped teacher's 2400); 0: no refinement, the continued teacher ships")
     p.add_argument("--refine_from", default=None,
                    help="the teacher pipeline the refine-teacher stage fine-tunes (default: the continued teacher "
                         "in --work_dir; e.g. models/emoji when that folder is gone)")
@@ -163,7 +164,7 @@ def long_teacher(args, work: Path, kind: str) -> Path:
 
 
 def shipped_teacher(args, work: Path, kind: str) -> Path:
-    """The folder of the teacher that ships: the refined one unless ``--refine_steps 0``, else the continued one."""
+    """The folder of the teacher that ships: the refined one, or with ``--refine_steps 0`` the continued one."""
     return work / f"teacher-{kind}-refine" if args.refine_steps > 0 else long_teacher(args, work, kind)
 
 
@@ -234,15 +235,18 @@ def distill_dir(args, work: Path, rounds: bool = True) -> Path:
     return work / f"distilled-fold-{args.guidance_steps}{scales}{length}"
 
 
-def reuse_fold(args, out: Path) -> None:
-    """Copy a finished guidance fold of the same length and range from a folder that differs only in round length
-    into ``out``, so a run that only changes ``--distill_steps`` starts at the rounds (the fold is most of the time)."""
+def reuse_fold(args, out: Path, teacher: Path) -> None:
+    """Copy a finished guidance fold of the same length and range, from a folder of the same ``teacher`` that differs
+    only in round length, into ``out``, so a run that only changes ``--distill_steps`` starts at the rounds (the fold
+    is most of the time)."""
     fold = f"guided-{args.distill_teacher_steps}-steps"
     if (out / fold).exists():
         return
-    base = distill_dir(args, out.parent, rounds=False)
+    base, digest = distill_dir(args, out.parent, rounds=False), teacher_digest(teacher)
     for source in [base / fold, *sorted(p / fold for p in out.parent.glob(f"{base.name}-r*"))]:
-        if source != out / fold and (source / "model_index.json").is_file():
+        record = source.parent / "teacher.json"
+        same = record.is_file() and json.loads(record.read_text())["denoiser_sha256"] == digest
+        if source != out / fold and same and (source / "model_index.json").is_file():
             print(f"Reusing the finished fold {source} for {out}", flush=True)
             shutil.copytree(source, out / fold)
             return
@@ -251,6 +255,38 @@ def reuse_fold(args, out: Path) -> None:
 def distill_teacher(args, work: Path, kind: str) -> Path:
     """The pipeline the student stage distils: ``--distill_from``, else the chosen teacher in ``work``."""
     return Path(args.distill_from) if args.distill_from else shipped_teacher(args, work, kind)
+
+
+def teacher_digest(teacher: Path) -> str:
+    """sha256 over the teacher's denoiser weights: what ties a student folder to the teacher it distils."""
+    files = sorted((Path(teacher) / "denoiser").glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{teacher} has no denoiser/*.safetensors: give --distill_from a LatentPipeline folder "
+                         "(e.g. models/emoji).")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def bind_teacher(out: Path, teacher: Path) -> None:
+    """Record the teacher of a student folder in ``out/teacher.json``, and refuse to resume (or ship) a folder that
+    distils another teacher, e.g. after a new teacher was shipped as ``models/emoji``: the fold, the rounds and the
+    teacher's evaluation kept there belong to the old one. A folder from before these records takes the teacher
+    given now, with a note."""
+    record, digest = out / "teacher.json", teacher_digest(teacher)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["denoiser_sha256"] != digest:
+            raise ValueError(
+                f"{out} distils another teacher ({saved['teacher']}, denoiser sha256 {saved['denoiser_sha256'][:12]}) "
+                f"than {teacher} ({digest[:12]}): move that folder aside to distil {teacher} from the start, or give "
+                "--distill_from the teacher it was made from.")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        print(f"{out} has no teacher record: taking it as a distillation of {teacher}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"teacher": str(teacher), "denoiser_sha256": digest}, indent=2))
 
 
 def distill_rounds(args) -> int:
@@ -263,10 +299,12 @@ def stage_student(args, work: Path, kind: str) -> Path:
     rounds = distill_rounds(args)
     out = distill_dir(args, work)
     student = out / f"round-{rounds}-4-steps"
+    teacher = distill_teacher(args, work, kind)
+    bind_teacher(out, teacher)
     if not (student / "model_index.json").is_file():
         low, high = fold_range(args)
-        reuse_fold(args, out)
-        run("distill.py", "--teacher", distill_teacher(args, work, kind), "--teacher_steps", args.distill_teacher_steps,
+        reuse_fold(args, out, teacher)
+        run("distill.py", "--teacher", teacher, "--teacher_steps", args.distill_teacher_steps,
             "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
             "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", work / "data",
             "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
@@ -448,7 +486,7 @@ def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Pat
         f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
         f"{pct(report[k]['real_top5'])} | {report[k]['clip_score']:.3f} / {report[k]['real_clip_score']:.3f} = "
         f"{report[k]['clip_score_ratio']:.2f} | {report[k]['frechet_clip_distance']:.3f} |" for k in SETS_TEXT)
-    times = ", ".join(f"{k} {v:.0f} min" for k, v in timings.items())
+    times = ", ".join(f"{k} {timings[k]:.0f} min" for k in STAGES if k in timings)
     return f"""The samples above are the 30 natural prompts of the evaluation (one image each, seed = prompt index,
 {steps} DDIM steps, guidance {scale}).
 
@@ -513,7 +551,8 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     (distill.py's, licensed as its data requires, plus the student-vs-teacher table)."""
     from ldm.recipes import share_components, ship_pipeline
 
-    out = distill_dir(args, work)
+    out, source = distill_dir(args, work), distill_teacher(args, work, kind)
+    bind_teacher(out, source)
     student, report = out / f"round-{distill_rounds(args)}-4-steps", out / "eval-student.json"
     if not report.is_file():
         run("evaluate.py", "--suite", "emoji", "--model", student, "--clip", scoring_clip(args, work), "--data_dir",
@@ -523,10 +562,9 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     ship_pipeline(student, target, trailing_ddim=False, half=("denoiser", "vae", "text_encoder"))
     shared = share_components(target, Path(args.output_dir) / "emoji")
     shutil.copy(report.with_name("eval-student-natural.png"), target / "samples.png")
-    source = distill_teacher(args, work, kind)
     ours = json.loads(report.read_text())
     seeds = f"-seeds{args.eval_seeds}" if args.eval_seeds > 1 else ""
-    teacher = evaluate_teacher(args, source, work / f"eval-{source.name}{seeds}.json", work, args.eval_seeds)
+    teacher = evaluate_teacher(args, source, out / f"eval-teacher{seeds}.json", work, args.eval_seeds)
     rows = "\n".join(student_row(name, r, k) for k in SETS_TEXT
                       for name, r in (("student, 4 steps", ours),
                                       (f"teacher ({kind or source.name}), 50 steps", teacher)))
