@@ -198,3 +198,48 @@ def test_high_bit_depth_images_are_scaled_not_clipped(mode, array):
     rgb = np.asarray(decode_image(image)).astype(float)
     assert rgb.shape == (64, 64, 3)
     assert 120 < rgb.mean() < 135 and rgb.min() == 0 and rgb.max() == 255  # the ramp's mid-grey, not all white
+
+
+def test_balance_by_draws_every_value_equally_often_and_every_process_shares_one_draw(tmp_path):
+    """``--balance_by COLUMN``: each value of the column comes up equally often (a concept with 8 renders as often as
+    one with 2), the draw is a function of (seed, epoch) only, and accelerate's two-process sharding hands each
+    process its share of that one draw (together they are the single-process epoch). A missing column or a stream is
+    a clear error."""
+    from collections import Counter
+
+    from accelerate import PartialState
+    from accelerate.data_loader import prepare_data_loader
+
+    from ldm.data.loader import make_train_dataloader
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [(f"person {i}", "people") for i in range(8)] + [("fox a", "fox"), ("fox b", "fox"), ("sun a", "sun"),
+                                                             ("sun b", "sun")]
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, (caption, concept) in enumerate(rows):
+            (folder / f"{i}.png").write_bytes(png_bytes(16, 16, seed=i))
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caption, "concept": concept}) + "\n")
+    args = DataArgs(train_data_dir=str(folder), resolution=16, cache_dir=str(tmp_path / "hf"), seed=3,
+                    balance_by="concept")
+    loader, _ = make_train_dataloader(PartialState(), args, None, None, None, batch_size=2)
+
+    def epoch(dataloader, number: int) -> list[list[str]]:
+        (dataloader.set_epoch if hasattr(dataloader, "set_epoch") else dataloader.sampler.set_epoch)(number)
+        return [batch["captions"] for batch in dataloader]
+
+    drawn = Counter(c.split()[0] for e in range(50) for batch in epoch(loader, e) for c in batch)
+    assert sum(drawn.values()) == 600
+    for concept in ("person", "fox", "sun"):  # 200 each expected (binomial sd 11.5); unbalanced: 400 / 100 / 100
+        assert 150 < drawn[concept] < 250, drawn
+    assert epoch(loader, 7) == epoch(loader, 7) != epoch(loader, 8)
+    shards = [prepare_data_loader(loader, num_processes=2, process_index=i, use_seedable_sampler=True, data_seed=3)
+              for i in range(2)]
+    for number in (0, 5):
+        first, second = (epoch(shard, number) for shard in shards)
+        assert [b for pair in zip(first, second) for b in pair] == epoch(loader, number)
+
+    with pytest.raises(ValueError, match=r"no column 'hexcode'; its columns are \[.*'concept'"):
+        make_train_dataloader(PartialState(), DataArgs(**{**vars(args), "balance_by": "hexcode"}), None, None, None, 2)
+    with pytest.raises(ValueError, match="needs a map-style data set"):
+        make_train_dataloader(PartialState(), DataArgs(**{**vars(args), "streaming": True}), None, None, None, 2)

@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the guidance scale guided students sample with by default")
     p.add_argument("--caption_dropout", type=float, default=0.1,
                    help="empty-caption probability, so unguided students keep classifier-free guidance")
-    g = add_data_arguments(p, None, "default: the teacher's sample size")
+    g = add_data_arguments(p, None, "default: the teacher's sample size", balance=True)
     g.add_argument("--cache_latents", action="store_true")
     g = p.add_argument_group("optimisation")
     g.add_argument("--train_batch_size", type=int, default=16)

@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train a new denoiser of this kind from scratch (default: fine-tune the pipeline's)")
     g.add_argument("--denoiser_config", default=None,
                    help="config.json of the new denoiser, or a size: dit-s/2, dit-b/2, ... or unet-s, unet-b, unet-l")
-    g = add_data_arguments(p, None, "training image size (default: the VAE's sample_size)", streaming=True)
+    g = add_data_arguments(p, None, "training image size (default: the VAE's sample_size)", streaming=True, balance=True)
     g.add_argument("--cache_latents", action="store_true",
                    help="precompute VAE latents and text embeddings once (map-style data only)")
     g.add_argument("--cache_latents_mode", choices=["posterior", "mean"], default="posterior",
@@ -207,7 +207,7 @@ def validation_data_args(args):
     """The ``DataArgs`` of the held-out data (its ``validation`` split; see ``_check_validation_loss``)."""
     from ldm.data.image_caption import DataArgs
 
-    base = dataclasses.replace(DataArgs.from_args(args), streaming=False, max_train_samples=None)
+    base = dataclasses.replace(DataArgs.from_args(args), streaming=False, max_train_samples=None, balance_by=None)
     if args.validation_data_dir is not None:
         return dataclasses.replace(base, dataset_name=None, train_data_dir=args.validation_data_dir)
     if args.dataset_name == "shapes":

@@ -45,6 +45,7 @@ class DataArgs:
     cache_dir: str | None = None
     seed: int = 0
     shuffle_buffer_size: int = 1000
+    balance_by: str | None = None  # a column whose values are drawn equally often (``ldm.data.loader``)
 
 
     @classmethod
@@ -52,12 +53,14 @@ class DataArgs:
         """From a script's parsed :func:`add_data_arguments` (``resolution`` overrides ``args.resolution``)."""
         return cls(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.image_column,
                    args.caption_column, getattr(args, "streaming", False), args.max_train_samples,
-                   resolution or args.resolution, args.cache_dir, args.seed)
+                   resolution or args.resolution, args.cache_dir, args.seed,
+                   balance_by=getattr(args, "balance_by", None))
 
 
 def add_data_arguments(parser, resolution: int | None, resolution_help: str = "training image size",
-                       streaming: bool = False):
-    """The data flags every training script takes (``train_t2i.py``, ``train_vae.py``, ``distill.py``)."""
+                       streaming: bool = False, balance: bool = False):
+    """The data flags every training script takes (``train_t2i.py``, ``train_vae.py``, ``distill.py``); ``streaming``
+    and ``balance`` add ``--streaming`` and ``--balance_by`` for the scripts that support them."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset_name", default=None, help="Hub id, local dataset folder, or 'shapes' (built in)")
     g.add_argument("--dataset_config_name", default=None)
@@ -66,6 +69,11 @@ def add_data_arguments(parser, resolution: int | None, resolution_help: str = "t
     g.add_argument("--caption_column", default=None)
     if streaming:
         g.add_argument("--streaming", action="store_true", help="stream the data set (needs --max_train_steps)")
+    if balance:
+        g.add_argument("--balance_by", default=None, metavar="COLUMN",
+                       help="draw rows so that every value of this column comes up equally often (with replacement; "
+                            "an epoch is still one draw per row), e.g. hexcode for the emoji data: a concept with "
+                            "12 skin-tone renders as often as one with 2")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--resolution", type=int, default=resolution, help=resolution_help)
     g.add_argument("--random_flip", action="store_true")
