@@ -94,14 +94,19 @@ def check_counts(args) -> None:
             raise ValueError(f"--{name} must be at least 1, got {value}.")
 
 
+def seeded_generator(*keys: int, device="cpu") -> torch.Generator:
+    """A generator on ``device`` seeded by the integer ``keys`` alone (stable across Python versions)."""
+    import numpy as np
+
+    state = np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
 def step_generator(seed: int, micro_step: int, process_index: int, device="cpu") -> torch.Generator:
     """The generator of one micro-step on one process, on ``device`` (the accelerator's: the noise is drawn where it
     is used): every random draw of a step comes from it, so a resumed run repeats exactly the draws an
     uninterrupted one makes (on the same kind of device)."""
-    import numpy as np
-
-    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)  # stable across Python versions
+    return seeded_generator(seed, micro_step, process_index, device=device)
 
 
 def nan_error(output_dir: str | Path, step: int, loss: float) -> RuntimeError:

@@ -102,20 +102,20 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     args = recipe.parse_args(["--distill_steps", "800"])  # only the rounds change: the finished fold is copied
     out = recipe.distill_dir(args, tmp_path)
     assert out.name == "distilled-fold-2400-r800"
-    recipe.reuse_fold(args, out, teacher)
+    recipe.reuse_fold(args, out, recipe.teacher_digest(teacher))
     assert not out.exists()  # no finished fold to reuse yet
     fold = tmp_path / "distilled-fold-2400" / "guided-16-steps"
     fold.mkdir(parents=True)
     (fold / "model_index.json").write_text("{}")
     recipe.bind_teacher(fold.parent, teacher)
-    recipe.reuse_fold(args, out, other)
+    recipe.reuse_fold(args, out, recipe.teacher_digest(other))
     assert not out.exists()  # another teacher's fold is never reused
-    recipe.reuse_fold(args, out, teacher)
+    recipe.reuse_fold(args, out, recipe.teacher_digest(teacher))
     assert (out / "guided-16-steps" / "model_index.json").read_text() == "{}"
     recipe.bind_teacher(out, teacher)
     shutil.rmtree(fold.parent)  # and back: the default round length finds it in the -r800 folder
     default = recipe.distill_dir(recipe.parse_args([]), tmp_path)
-    recipe.reuse_fold(recipe.parse_args([]), default, teacher)
+    recipe.reuse_fold(recipe.parse_args([]), default, recipe.teacher_digest(teacher))
     assert (default / "guided-16-steps" / "model_index.json").is_file()
     # a student folder is tied to its teacher: a replaced teacher never resumes (or ships) the old distillation
     with pytest.raises(ValueError, match="distils another teacher .* move that folder aside"):

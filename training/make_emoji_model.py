@@ -235,17 +235,22 @@ def distill_dir(args, work: Path, rounds: bool = True) -> Path:
     return work / f"distilled-fold-{args.guidance_steps}{scales}{length}"
 
 
-def reuse_fold(args, out: Path, teacher: Path) -> None:
-    """Copy a finished guidance fold of the same length and range, from a folder of the same ``teacher`` that differs
-    only in round length, into ``out``, so a run that only changes ``--distill_steps`` starts at the rounds (the fold
-    is most of the time)."""
+def recorded_digest(folder: Path) -> str | None:
+    """The teacher digest a student folder's ``teacher.json`` records (None without one)."""
+    record = folder / "teacher.json"
+    return json.loads(record.read_text())["denoiser_sha256"] if record.is_file() else None
+
+
+def reuse_fold(args, out: Path, digest: str) -> None:
+    """Copy a finished guidance fold of the same length and range, from a folder of the teacher with ``digest``
+    (:func:`bind_teacher`'s) that differs only in round length, into ``out``, so a run that only changes
+    ``--distill_steps`` starts at the rounds (the fold is most of the time)."""
     fold = f"guided-{args.distill_teacher_steps}-steps"
     if (out / fold).exists():
         return
-    base, digest = distill_dir(args, out.parent, rounds=False), teacher_digest(teacher)
+    base = distill_dir(args, out.parent, rounds=False)
     for source in [base / fold, *sorted(p / fold for p in out.parent.glob(f"{base.name}-r*"))]:
-        record = source.parent / "teacher.json"
-        same = record.is_file() and json.loads(record.read_text())["denoiser_sha256"] == digest
+        same = recorded_digest(source.parent) == digest
         if source != out / fold and same and (source / "model_index.json").is_file():
             print(f"Reusing the finished fold {source} for {out}", flush=True)
             shutil.copytree(source, out / fold)
@@ -269,24 +274,24 @@ def teacher_digest(teacher: Path) -> str:
     return digest.hexdigest()
 
 
-def bind_teacher(out: Path, teacher: Path) -> None:
+def bind_teacher(out: Path, teacher: Path) -> str:
     """Record the teacher of a student folder in ``out/teacher.json``, and refuse to resume (or ship) a folder that
     distils another teacher, e.g. after a new teacher was shipped as ``models/emoji``: the fold, the rounds and the
     teacher's evaluation kept there belong to the old one. A folder from before these records takes the teacher
-    given now, with a note."""
-    record, digest = out / "teacher.json", teacher_digest(teacher)
-    if record.is_file():
-        saved = json.loads(record.read_text())
-        if saved["denoiser_sha256"] != digest:
+    given now, with a note. Returns the teacher's digest."""
+    record, digest, saved = out / "teacher.json", teacher_digest(teacher), recorded_digest(out)
+    if saved is not None:
+        if saved != digest:
             raise ValueError(
-                f"{out} distils another teacher ({saved['teacher']}, denoiser sha256 {saved['denoiser_sha256'][:12]}) "
-                f"than {teacher} ({digest[:12]}): move that folder aside to distil {teacher} from the start, or give "
-                "--distill_from the teacher it was made from.")
-        return
+                f"{out} distils another teacher ({json.loads(record.read_text())['teacher']}, denoiser sha256 "
+                f"{saved[:12]}) than {teacher} ({digest[:12]}): move that folder aside to distil {teacher} from the "
+                "start, or give --distill_from the teacher it was made from.")
+        return digest
     if out.is_dir() and any(out.iterdir()):
         print(f"{out} has no teacher record: taking it as a distillation of {teacher}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"teacher": str(teacher), "denoiser_sha256": digest}, indent=2))
+    return digest
 
 
 def distill_rounds(args) -> int:
@@ -300,10 +305,10 @@ def stage_student(args, work: Path, kind: str) -> Path:
     out = distill_dir(args, work)
     student = out / f"round-{rounds}-4-steps"
     teacher = distill_teacher(args, work, kind)
-    bind_teacher(out, teacher)
+    digest = bind_teacher(out, teacher)
     if not (student / "model_index.json").is_file():
         low, high = fold_range(args)
-        reuse_fold(args, out, teacher)
+        reuse_fold(args, out, digest)
         run("distill.py", "--teacher", teacher, "--teacher_steps", args.distill_teacher_steps,
             "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.guidance_scale,
             "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", work / "data",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import torch
 
 
@@ -26,7 +25,7 @@ class BalancedSampler(torch.utils.data.Sampler):
         keys = [v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for v in values]
         counts = Counter(keys)
         self.weights = torch.tensor([1.0 / counts[k] for k in keys], dtype=torch.float64)
-        self.num_values, self.seed, self.epoch = len(counts), seed, 0
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -35,14 +34,15 @@ class BalancedSampler(torch.utils.data.Sampler):
         return len(self.weights)
 
     def __iter__(self):
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+        from ..train_loop import seeded_generator
+
+        generator = seeded_generator(self.seed, self.epoch)
         yield from torch.multinomial(self.weights, len(self.weights), replacement=True, generator=generator).tolist()
 
 
 def balanced_sampler(dataset, data_args) -> BalancedSampler | None:
     """The :class:`BalancedSampler` of ``data_args.balance_by`` (None without it), checked against the data."""
-    column = getattr(data_args, "balance_by", None)
+    column = data_args.balance_by
     if column is None:
         return None
     if data_args.streaming:
