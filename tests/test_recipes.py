@@ -172,3 +172,39 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "unet"
     (tmp_path / "teacher-choice.json").write_text(json.dumps({"chosen": "dit"}))
     assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "dit"  # the record wins
+
+
+def test_emoji_recipe_balanced_refinement_has_its_own_folder_clock_and_starts_from_the_refine_from_row(tmp_path):
+    """``--balance_by hexcode`` passes through to ``train_t2i.py`` in the refine stage, trains into
+    ``teacher-KIND-refine-balanced`` with its own ``timings.json`` key, and its row in the teachers' table adds to the
+    row of the teacher shipped in ``--refine_from`` (the ``shipped`` name of its ``teachers.json``)."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    saved = [{"kind": "unet", "name": n, "steps": s, "pflop": p, "minutes": m} for n, s, p, m in
+             (("unet", 4000, 1.0, 286), ("unet-long", 6000, 1.5, 378), ("unet-refine", 8400, 2.1, 499))]
+    (shipped / "teachers.json").write_text(json.dumps({"rows": saved, "shipped": "unet-refine"}))
+    args = recipe.parse_args(["--balance_by", "hexcode", "--refine_from", str(shipped)])
+    assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine-balanced"
+    assert recipe.clock_name(args, "refine-teacher") == "refine-teacher-balanced"
+    assert recipe.clock_name(args, "student") == "student"
+    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, shipped, tmp_path / "out")]
+    assert cmd[cmd.index("--balance_by") + 1] == "hexcode"
+    assert "--balance_by" not in recipe.refine_command(recipe.parse_args([]), tmp_path, shipped, tmp_path / "out")
+
+    folder = tmp_path / "teacher-unet-refine-balanced"
+    tiny_pipeline("unet", seed=0).save_pretrained(folder)
+    (folder / "training_args.json").write_text(json.dumps({"max_train_steps": 10, "train_batch_size": 4}))
+    (tmp_path / "eval-teacher-unet-refine-balanced.json").write_text(json.dumps({"train": {"top5": 0.5}}))
+    (tmp_path / "timings.json").write_text(json.dumps({"refine-teacher": 120.0, "refine-teacher-balanced": 7.0}))
+    rows = recipe.teacher_rows(args, tmp_path, "unet", saved)
+    assert [r["name"] for r in rows] == ["unet", "unet-long", "unet-refine", "unet-refine-balanced"]
+    assert (rows[3]["steps"], rows[3]["minutes"]) == (8410, 506.0)
+    # without a "shipped" record (a teachers.json written before it), the last other row of the kind is the base
+    (shipped / "teachers.json").write_text(json.dumps({"rows": saved}))
+    assert recipe.teacher_rows(args, tmp_path, "unet", saved)[3]["steps"] == 8410

@@ -21,6 +21,7 @@ interrupted command picks up where it stopped):
    training noise levels concentrated mid-way (``--weighting_scheme logit_normal``), where a sample commits to its
    layout, and evaluated again;
    ``--refine_from models/emoji`` refines the shipped teacher when the work folder's is gone;
+   ``--balance_by hexcode`` draws each concept equally often in it (``teacher-KIND-refine-balanced``);
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
 8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
    ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
@@ -71,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--refine_from", default=None,
                    help="the teacher pipeline the refine-teacher stage fine-tunes (default: the continued teacher "
                         "in --work_dir; e.g. models/emoji when that folder is gone)")
+    p.add_argument("--balance_by", default=None, metavar="COLUMN",
+                   help="the refine-teacher stage draws every value of this data column equally often (hexcode: "
+                        "each concept, however many renders it has; people are 59 %% of the renders, 20 %% of the "
+                        "concepts) into teacher-KIND-refine-balanced")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
@@ -149,7 +154,8 @@ def refine_command(args, work: Path, start: Path, out: Path) -> list:
     return ["train_t2i.py", "--pretrained_model_name_or_path", start, *t2i_recipe(args, work, out, "latest"),
             "--ema_decay", "0.999", "--learning_rate", "1e-4", "--lr_warmup_steps", 100, "--max_train_steps",
             args.refine_steps, "--checkpointing_steps", 200, "--weighting_scheme", "logit_normal", "--logit_mean", 0,
-            "--logit_std", 1, "--validation_steps", 100000]
+            "--logit_std", 1, "--validation_steps", 100000,
+            *(["--balance_by", args.balance_by] if args.balance_by else [])]
 
 
 def stage_teacher(args, work: Path, kind: str) -> None:
@@ -164,8 +170,16 @@ def long_teacher(args, work: Path, kind: str) -> Path:
 
 
 def shipped_teacher(args, work: Path, kind: str) -> Path:
-    """The folder of the teacher that ships: the refined one, or with ``--refine_steps 0`` the continued one."""
-    return work / f"teacher-{kind}-refine" if args.refine_steps > 0 else long_teacher(args, work, kind)
+    """The folder of the teacher that ships: the refined one (``-balanced`` with ``--balance_by``), or with
+    ``--refine_steps 0`` the continued one."""
+    if args.refine_steps <= 0:
+        return long_teacher(args, work, kind)
+    return work / f"teacher-{kind}-refine{'-balanced' if args.balance_by else ''}"
+
+
+def clock_name(args, stage: str) -> str:
+    """The ``timings.json`` key of a stage: a balanced refinement keeps its minutes apart from the first one's."""
+    return f"{stage}-balanced" if stage == "refine-teacher" and args.balance_by else stage
 
 
 def stage_teacher_long(args, work: Path, kind: str) -> None:
@@ -390,13 +404,24 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None) -> dict:
         minutes += timings.get("continue-teacher", 0)
     pflop = per_image * steps * trained["train_batch_size"] / 1e15
     if base is not None:
-        own = timings.get("refine-teacher")
+        own = timings.get("refine-teacher-balanced" if folder.endswith("-balanced") else "refine-teacher")
         steps, pflop = steps + base["steps"], pflop + base["pflop"]
         minutes = base["minutes"] + own if base["minutes"] and own else None
     return {"kind": kind, "name": folder.removeprefix("teacher-"), "class": type(denoiser).__name__,
             "params": sum(p.numel() for p in denoiser.parameters()), "gflop_per_image": per_image / 1e9,
             "pflop": pflop, "steps": steps, "minutes": minutes,
             "eval": json.loads((work / f"eval-{folder}.json").read_text())}
+
+
+def refine_base(args, kind: str, rows: dict, own: str) -> dict | None:
+    """The row a refined teacher (named ``own``) started from: the teacher shipped in ``--refine_from`` (the
+    ``shipped`` name of its ``teachers.json``, else its last row of this kind), without it the continued one."""
+    record = Path(args.refine_from or "") / "teachers.json"
+    if args.refine_from and record.is_file():
+        saved = json.loads(record.read_text())
+        names = [r["name"] for r in saved["rows"] if r["kind"] == kind and r["name"] != own]
+        return rows.get(saved["shipped"] if saved.get("shipped", own) != own else names[-1])
+    return rows.get(long_teacher(args, Path(), kind).name.removeprefix("teacher-"))
 
 
 def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
@@ -406,8 +431,9 @@ def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
     long, shipped = long_teacher(args, work, kind).name, shipped_teacher(args, work, kind).name
     for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long, shipped)):
         if (work / folder / "model_index.json").is_file():
-            base = rows.get(long.removeprefix("teacher-")) if folder.endswith("-refine") else None
-            rows[folder.removeprefix("teacher-")] = teacher_figures(work, folder, base)
+            name = folder.removeprefix("teacher-")
+            base = refine_base(args, kind, rows, name) if "-refine" in folder else None
+            rows[name] = teacher_figures(work, folder, base)
     return list(rows.values())
 
 
@@ -446,8 +472,9 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     target, shipped = out / "emoji", shipped_teacher(args, work, kind)
     record = json.loads((target / "teachers.json").read_text()) if (target / "teachers.json").is_file() else {}
     rows = teacher_rows(args, work, kind, record.get("rows", []))
+    teacher_stages = STAGES[:STAGES.index("ship-teacher") + 1]
     timings = {**record.get("timings", {}), **{k: v for k, v in json.loads((work / "timings.json").read_text()).items()
-                                               if k in STAGES[:STAGES.index("ship-teacher") + 1]}}
+                                               if k.removesuffix("-balanced") in teacher_stages}}
     ship_pipeline(shipped, target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
     if (work / "clip" / "config.json").is_file():
         ship_clip(work, out / "emoji-clip")
@@ -457,7 +484,8 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     chosen = next(r for r in rows if r["name"] == shipped.name.removeprefix("teacher-"))
     brief = [dict(r, eval={k: {m: v for m, v in e.items() if m != "per_prompt"} if isinstance(e, dict) else e
                            for k, e in r["eval"].items()}) for r in rows]
-    (target / "teachers.json").write_text(json.dumps({"rows": brief, "timings": timings}, indent=1))
+    (target / "teachers.json").write_text(json.dumps({"rows": brief, "shipped": chosen["name"], "timings": timings},
+                                                     indent=1))
     trained = json.loads((shipped / "training_args.json").read_text())
     hyper = {k: v for k, v in trained.items() if v is not None and k not in
              ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token", "license",
@@ -480,7 +508,18 @@ Then `--stages refine-teacher` fine-tuned it {args.refine_steps} steps more (fre
 100-step warm-up and cosine decay, EMA 0.999) with the training timesteps drawn logit-normal around t = 500
 (`--weighting_scheme logit_normal`, mean 0, std 1) instead of uniformly: the noise band (SNR about 0.02 to 0.2) where a
 sample from pure noise commits to its layout, which `training/inspect_denoiser.py` showed the continued teacher
-losing (the README's "Where the shapes are lost")."""
+losing (the README's "Where the shapes are lost").{balance_note(args)}"""
+
+
+def balance_note(args) -> str:
+    if not args.balance_by:
+        return ""
+    start = f"`{args.refine_from}`" if args.refine_from else "the continued teacher"
+    return f"""
+The shipped `-refine-balanced` teacher is such a refinement of {start} that drew every value of the data's
+`{args.balance_by}` column equally often (`--balance_by {args.balance_by}`, with replacement, seeded per epoch): with
+`hexcode` each concept as often as any other, however many renders (styles, skin tones) it has; people are 59 % of
+the renders but 20 % of the concepts."""
 
 
 def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict) -> str:
@@ -491,7 +530,7 @@ def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Pat
         f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
         f"{pct(report[k]['real_top5'])} | {report[k]['clip_score']:.3f} / {report[k]['real_clip_score']:.3f} = "
         f"{report[k]['clip_score_ratio']:.2f} | {report[k]['frechet_clip_distance']:.3f} |" for k in SETS_TEXT)
-    times = ", ".join(f"{k} {timings[k]:.0f} min" for k in STAGES if k in timings)
+    times = ", ".join(f"{k} {timings[k]:.0f} min" for s in STAGES for k in (s, f"{s}-balanced") if k in timings)
     return f"""The samples above are the 30 natural prompts of the evaluation (one image each, seed = prompt index,
 {steps} DDIM steps, guidance {scale}).
 
@@ -650,7 +689,7 @@ def main(args: argparse.Namespace) -> None:
     choice = work / "teacher-choice.json"
     kind = None
     for stage in args.stages:
-        with StageClock(work / "timings.json", stage):
+        with StageClock(work / "timings.json", clock_name(args, stage)):
             if stage == "data":
                 stage_data(args, work)
             elif stage == "clip":
