@@ -76,7 +76,7 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
 
 def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 2,400 steps
-    in ``distilled-fold-2400``); another fold length, range or round length is another folder, so it never resumes
+    in ``distilled-fold-4800``); another fold length, range or round length is another folder, so it never resumes
     the wrong run, and a run that only changes the round length starts from the finished fold of the same teacher;
     a folder records its teacher and refuses another;
     a range that does not hold the sampling scale is refused; ``--distill_from`` replaces the work folder's teacher;
@@ -90,21 +90,21 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
 
     args = recipe.parse_args([])
     assert args.mixed_precision == resolve_mixed_precision("auto")  # "auto" is resolved as it is parsed
-    assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-2400"
+    assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-4800"
     args = recipe.parse_args(["--guidance_range", "4", "4", "--guidance_steps", "1200"])
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
     assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
-        "distilled-fold-2400-s2-6"
+        "distilled-fold-4800-s2-6"
     teacher, other = tmp_path / "teacher", tmp_path / "other-teacher"
     for folder, weights in ((teacher, b"old"), (other, b"new")):
         (folder / "denoiser").mkdir(parents=True)
         (folder / "denoiser" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
     args = recipe.parse_args(["--distill_steps", "800"])  # only the rounds change: the finished fold is copied
     out = recipe.distill_dir(args, tmp_path)
-    assert out.name == "distilled-fold-2400-r800"
+    assert out.name == "distilled-fold-4800-r800"
     recipe.reuse_fold(args, out, recipe.teacher_digest(teacher))
     assert not out.exists()  # no finished fold to reuse yet
-    fold = tmp_path / "distilled-fold-2400" / "guided-16-steps"
+    fold = tmp_path / "distilled-fold-4800" / "guided-16-steps"
     fold.mkdir(parents=True)
     (fold / "model_index.json").write_text("{}")
     recipe.bind_teacher(fold.parent, teacher)
