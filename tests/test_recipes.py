@@ -75,7 +75,7 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
 
 
 def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
-    """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 2,400 steps
+    """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 4,800 steps
     in ``distilled-fold-4800``); another fold length, range or round length is another folder, so it never resumes
     the wrong run, and a run that only changes the round length starts from the finished fold of the same teacher;
     a folder records its teacher and refuses another;
