@@ -91,7 +91,8 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     args = recipe.parse_args([])
     assert args.mixed_precision == resolve_mixed_precision("auto")  # "auto" is resolved as it is parsed
     assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-4800"
-    args = recipe.parse_args(["--guidance_range", "4", "4", "--guidance_steps", "1200"])
+    args = recipe.parse_args(["--guidance_range", "4", "4", "--student_guidance_scale", "4",
+                              "--guidance_steps", "1200"])
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
     assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
         "distilled-fold-4800-s2-6"
@@ -123,8 +124,18 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     recipe.bind_teacher(out, teacher)  # the same teacher resumes
     with pytest.raises(ValueError, match="no denoiser/.*safetensors"):
         recipe.bind_teacher(out, tmp_path / "not-a-pipeline")
-    with pytest.raises(ValueError, match="must hold --guidance_scale 4"):
-        recipe.fold_range(recipe.parse_args(["--guidance_range", "5", "8"]))
+    with pytest.raises(ValueError, match="must hold --student_guidance_scale 2"):
+        recipe.fold_range(recipe.parse_args(["--guidance_range", "3", "8"]))
+    with pytest.raises(ValueError, match="must hold --guidance_scale 4"):  # the teacher's, which it is compared with
+        recipe.fold_range(recipe.parse_args(["--guidance_range", "1", "3"]))
+    # shipping sets the student's default guidance (its scheduler's) and returns the one it was distilled with
+    from ldm import ProgressiveDistillationScheduler
+
+    ProgressiveDistillationScheduler(num_distilled_steps=4, guidance_scale=4.0, guidance_scale_range=[1.0, 8.0],
+                                     prediction_type="v_prediction").save_pretrained(tmp_path / "ship" / "scheduler")
+    assert recipe.set_student_guidance(tmp_path / "ship", 2.0) == 4.0
+    shipped = ProgressiveDistillationScheduler.from_pretrained(tmp_path / "ship", subfolder="scheduler")
+    assert (shipped.config.guidance_scale, shipped.config.num_distilled_steps) == (2.0, 4)
     args = recipe.parse_args(["--distill_from", "models/emoji"])
     assert recipe.distill_teacher(args, tmp_path, None) == Path("models/emoji")
     with pytest.raises(ValueError, match="give --distill_from"):

@@ -377,6 +377,7 @@ def save_stage(args, stage: Stage, student, vae, text_encoder, tokenizer, schedu
         distillation_round=stage.round, guided=stage.guided_student, guidance_scale=args.default_guidance_scale,
         denoiser_class=type(student).__name__, validation_image="validation.png" if images else None,
         validation_prompts=args.validation_prompts,
+        example_prompt=args.validation_prompts[0] if args.validation_prompts else None,
     )
     shutil.rmtree(stage_dir, ignore_errors=True)
     tmp.rename(stage_dir)  # the stage counts as done only once its folder is complete
