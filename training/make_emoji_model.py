@@ -426,8 +426,10 @@ def refine_base(args, kind: str, rows: dict, own: str) -> dict | None:
     record = Path(args.refine_from or "") / "teachers.json"
     if args.refine_from and record.is_file():
         saved = json.loads(record.read_text())
-        names = [r["name"] for r in saved["rows"] if r["kind"] == kind and r["name"] != own]
-        return rows.get(saved["shipped"] if saved.get("shipped", own) != own else names[-1])
+        name = saved.get("shipped")
+        if name in (None, own):  # a record from before "shipped", or re-shipping the same refinement
+            name = [r["name"] for r in saved["rows"] if r["kind"] == kind and r["name"] != own][-1]
+        return rows.get(name)
     return rows.get(long_teacher(args, Path(), kind).name.removeprefix("teacher-"))
 
 
