@@ -144,8 +144,8 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
 
 def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_of_gone_teachers(tmp_path):
     """``refine-teacher`` fine-tunes the continued teacher (or ``--refine_from``) on mid-noise logit-normal
-    timesteps into its own folder, which then ships; ``--refine_steps 0`` ships the continued one. The teachers'
-    table keeps the rows of teachers whose folders are gone (from the shipped ``teachers.json``), and a refined row
+    timesteps into its own folder, which ships with ``--balance_steps 0``; ``--refine_steps 0 --balance_steps 0``
+    ships the continued one. The teachers' table keeps the rows of teachers whose folders are gone (from the shipped ``teachers.json``), and a refined row
     counts the steps, FLOPs and minutes of the run it started from. Without the teacher choice, the kind comes from
     the ``--refine_from`` pipeline's denoiser."""
     import json
@@ -155,16 +155,16 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     from ldm.flops import denoiser_training_flops
 
     recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
-    assert recipe.shipped_teacher(recipe.parse_args(["--refine_steps", "0"]), tmp_path, "unet").name == \
-        "teacher-unet-long"
-    args = recipe.parse_args([])  # the shipped teacher's 2,400 refinement steps
+    assert recipe.shipped_teacher(recipe.parse_args(["--refine_steps", "0", "--balance_steps", "0"]), tmp_path,
+                                  "unet").name == "teacher-unet-long"
+    args = recipe.parse_args(["--balance_steps", "0"])  # the refined teacher ships
     assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine"
     assert recipe.long_teacher(args, tmp_path, "unet").name == "teacher-unet-long"
     cmd = [str(c) for c in recipe.refine_command(args, tmp_path, Path("models/emoji"), tmp_path / "out")]
     flag = {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("--")}
     assert flag["--pretrained_model_name_or_path"] == "models/emoji" and "--denoiser" not in flag
     assert (flag["--weighting_scheme"], flag["--logit_mean"], flag["--max_train_steps"]) == \
-        ("logit_normal", "0", "2400")
+        ("logit_normal", "0", "2400") and "--balance_by" not in flag
 
     folder = tmp_path / "teacher-unet-refine"
     pipe = tiny_pipeline("unet", seed=0)
@@ -185,10 +185,12 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "dit"  # the record wins
 
 
-def test_emoji_recipe_balanced_refinement_has_its_own_folder_clock_and_starts_from_the_refine_from_row(tmp_path):
-    """``--balance_by hexcode`` passes through to ``train_t2i.py`` in the refine stage, trains into
-    ``teacher-KIND-refine-balanced`` with its own ``timings.json`` key, and its row in the teachers' table adds to the
-    row of the teacher shipped in ``--refine_from`` (the ``shipped`` name of its ``teachers.json``)."""
+def test_emoji_recipe_balance_stage_refines_the_refined_teacher_and_its_row_adds_to_the_row_it_started_from(tmp_path):
+    """``balance-teacher`` (on by default) runs the refine recipe again from the refined teacher with
+    ``--balance_by hexcode`` into ``teacher-KIND-refine-balanced``, which ships; without the work folder's refined
+    teacher it starts from ``--refine_from``. Its row adds its own stage time to the row it started from: a work
+    folder's, or the one a shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record already
+    names the balanced teacher or lacks the key, the last other row."""
     import json
     from pathlib import Path
 
@@ -200,22 +202,41 @@ def test_emoji_recipe_balanced_refinement_has_its_own_folder_clock_and_starts_fr
     saved = [{"kind": "unet", "name": n, "steps": s, "pflop": p, "minutes": m} for n, s, p, m in
              (("unet", 4000, 1.0, 286), ("unet-long", 6000, 1.5, 378), ("unet-refine", 8400, 2.1, 499))]
     (shipped / "teachers.json").write_text(json.dumps({"rows": saved, "shipped": "unet-refine"}))
-    args = recipe.parse_args(["--balance_by", "hexcode", "--refine_from", str(shipped)])
+    args = recipe.parse_args(["--refine_from", str(shipped)])
+    assert recipe.STAGES.index("refine-teacher") < recipe.STAGES.index("balance-teacher") < \
+        recipe.STAGES.index("ship-teacher")
     assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine-balanced"
-    assert recipe.clock_name(args, "refine-teacher") == "refine-teacher-balanced"
-    assert recipe.clock_name(args, "student") == "student"
-    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, shipped, tmp_path / "out")]
-    assert cmd[cmd.index("--balance_by") + 1] == "hexcode"
-    assert "--balance_by" not in recipe.refine_command(recipe.parse_args([]), tmp_path, shipped, tmp_path / "out")
+    assert recipe.shipped_teacher(recipe.parse_args(["--refine_steps", "0"]), tmp_path, "unet").name == \
+        "teacher-unet-long-balanced"
+    assert recipe.balance_start(args, tmp_path, "unet") == shipped  # the work folder's refined teacher is gone
+    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, shipped, tmp_path / "out", balance=True)]
+    assert cmd[cmd.index("--balance_by") + 1] == "hexcode" and cmd[cmd.index("--max_train_steps") + 1] == "2400"
+    refine = recipe.parse_args(["--balance_steps", "1", "--balance_by", "group"])
+    cmd = [str(c) for c in recipe.refine_command(refine, tmp_path, shipped, tmp_path / "out", balance=True)]
+    assert cmd[cmd.index("--balance_by") + 1] == "group" and cmd[cmd.index("--max_train_steps") + 1] == "1"
 
     folder = tmp_path / "teacher-unet-refine-balanced"
     tiny_pipeline("unet", seed=0).save_pretrained(folder)
     (folder / "training_args.json").write_text(json.dumps({"max_train_steps": 10, "train_batch_size": 4}))
     (tmp_path / "eval-teacher-unet-refine-balanced.json").write_text(json.dumps({"train": {"top5": 0.5}}))
-    (tmp_path / "timings.json").write_text(json.dumps({"refine-teacher": 120.0, "refine-teacher-balanced": 7.0}))
+    (tmp_path / "timings.json").write_text(json.dumps({"refine-teacher": 120.0, "balance-teacher": 7.0}))
     rows = recipe.teacher_rows(args, tmp_path, "unet", saved)
     assert [r["name"] for r in rows] == ["unet", "unet-long", "unet-refine", "unet-refine-balanced"]
     assert (rows[3]["steps"], rows[3]["minutes"]) == (8410, 506.0)
     # without a "shipped" record (a teachers.json written before it), the last other row of the kind is the base
     (shipped / "teachers.json").write_text(json.dumps({"rows": saved}))
     assert recipe.teacher_rows(args, tmp_path, "unet", saved)[3]["steps"] == 8410
+    # a record that already names the balanced teacher (re-shipping it) gives the last other row too
+    named = saved + [{"kind": "unet", "name": "unet-refine-balanced", "steps": 1, "pflop": 0.0, "minutes": 1}]
+    (shipped / "teachers.json").write_text(json.dumps({"rows": named, "shipped": "unet-refine-balanced"}))
+    assert recipe.teacher_rows(args, tmp_path, "unet", saved)[3]["steps"] == 8410
+    # with the work folder's refined teacher, the balanced one starts from it and adds to its (measured) row, whose
+    # own base is the last row of the record that is neither it nor made from it
+    refined = tmp_path / "teacher-unet-refine"
+    tiny_pipeline("unet", seed=0).save_pretrained(refined)
+    (refined / "training_args.json").write_text(json.dumps({"max_train_steps": 20, "train_batch_size": 4}))
+    (tmp_path / "eval-teacher-unet-refine.json").write_text(json.dumps({"train": {"top5": 0.4}}))
+    assert recipe.balance_start(args, tmp_path, "unet") == refined
+    rows = recipe.teacher_rows(args, tmp_path, "unet", saved)
+    assert [(r["name"], r["steps"], r["minutes"]) for r in rows[2:]] == \
+        [("unet-refine", 6020, 498.0), ("unet-refine-balanced", 6030, 505.0)]

@@ -21,7 +21,9 @@ interrupted command picks up where it stopped):
    training noise levels concentrated mid-way (``--weighting_scheme logit_normal``), where a sample commits to its
    layout, and evaluated again;
    ``--refine_from models/emoji`` refines the shipped teacher when the work folder's is gone;
-   ``--balance_by hexcode`` draws each concept equally often in it (``teacher-KIND-refine-balanced``);
+6c. ``balance-teacher`` (``--balance_steps``, 2,400 by default; 0 skips it): the refined teacher (or ``--refine_from``
+   when the work folder's is gone) refined again the same way with every value of ``--balance_by`` (``hexcode``: each
+   concept) drawn equally often, into ``teacher-KIND-refine-balanced``, and evaluated again;
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
 8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
    ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
@@ -47,7 +49,7 @@ from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher",
-          "refine-teacher", "ship-teacher",
+          "refine-teacher", "balance-teacher", "ship-teacher",
           "student", "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 ROUND_STEPS = 500  # the default steps of each halving round; its student folder's name leaves them out
@@ -71,11 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "EMA 0.999; the shipped teacher's 2400); 0: no refinement, the continued teacher ships")
     p.add_argument("--refine_from", default=None,
                    help="the teacher pipeline the refine-teacher stage fine-tunes (default: the continued teacher "
-                        "in --work_dir; e.g. models/emoji when that folder is gone)")
-    p.add_argument("--balance_by", default=None, metavar="COLUMN",
-                   help="the refine-teacher stage draws every value of this data column equally often (hexcode: "
+                        "in --work_dir; e.g. models/emoji when that folder is gone), and balance-teacher when the "
+                        "refined one is gone")
+    p.add_argument("--balance_steps", type=int, default=2400,
+                   help="steps of the balance-teacher stage (the refine recipe again, from the refined teacher, "
+                        "drawing --balance_by equally often); 0: the refined teacher ships")
+    p.add_argument("--balance_by", default="hexcode", metavar="COLUMN",
+                   help="the data column the balance-teacher stage draws every value of equally often (hexcode: "
                         "each concept, however many renders it has; people are 59 %% of the renders, 20 %% of the "
-                        "concepts) into teacher-KIND-refine-balanced")
+                        "concepts)")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
@@ -154,14 +160,15 @@ def teacher_command(args, work: Path, kind: str, out: Path, steps: int, resume) 
             2500]
 
 
-def refine_command(args, work: Path, start: Path, out: Path) -> list:
+def refine_command(args, work: Path, start: Path, out: Path, balance: bool = False) -> list:
     """Fine-tune the pipeline ``start`` with timesteps drawn logit-normal around t = 500 (SNR about 0.02 to 0.2
-    there under the zero-terminal-SNR schedule: the band where a sample commits to a layout), a fresh optimizer."""
+    there under the zero-terminal-SNR schedule: the band where a sample commits to a layout), a fresh optimizer;
+    ``balance``: ``--balance_steps`` drawing every value of ``--balance_by`` equally often."""
     return ["train_t2i.py", "--pretrained_model_name_or_path", start, *t2i_recipe(args, work, out, "latest"),
             "--ema_decay", "0.999", "--learning_rate", "1e-4", "--lr_warmup_steps", 100, "--max_train_steps",
-            args.refine_steps, "--checkpointing_steps", 200, "--weighting_scheme", "logit_normal", "--logit_mean", 0,
-            "--logit_std", 1, "--validation_steps", 100000,
-            *(["--balance_by", args.balance_by] if args.balance_by else [])]
+            args.balance_steps if balance else args.refine_steps, "--checkpointing_steps", 200, "--weighting_scheme",
+            "logit_normal", "--logit_mean", 0, "--logit_std", 1, "--validation_steps", 100000,
+            *(["--balance_by", args.balance_by] if balance else [])]
 
 
 def stage_teacher(args, work: Path, kind: str) -> None:
@@ -175,17 +182,21 @@ def long_teacher(args, work: Path, kind: str) -> Path:
     return work / (f"teacher-{kind}-long" if args.long_teacher_steps > args.teacher_steps else f"teacher-{kind}")
 
 
+def refined_teacher(args, work: Path, kind: str) -> Path:
+    """The refine-teacher stage's folder (with ``--refine_steps 0``: the continued teacher's)."""
+    return long_teacher(args, work, kind) if args.refine_steps <= 0 else work / f"teacher-{kind}-refine"
+
+
 def shipped_teacher(args, work: Path, kind: str) -> Path:
-    """The folder of the teacher that ships: the refined one (``-balanced`` with ``--balance_by``), or with
-    ``--refine_steps 0`` the continued one."""
-    if args.refine_steps <= 0:
-        return long_teacher(args, work, kind)
-    return work / f"teacher-{kind}-refine{'-balanced' if args.balance_by else ''}"
+    """The folder of the teacher that ships: the balanced one, or with ``--balance_steps 0`` the refined one."""
+    refined = refined_teacher(args, work, kind)
+    return refined if args.balance_steps <= 0 else work / f"{refined.name}-balanced"
 
 
-def clock_name(args, stage: str) -> str:
-    """The ``timings.json`` key of a stage: a balanced refinement keeps its minutes apart from the first one's."""
-    return f"{stage}-balanced" if stage == "refine-teacher" and args.balance_by else stage
+def balance_start(args, work: Path, kind: str) -> Path:
+    """The teacher the balance-teacher stage fine-tunes: the refined one in ``work``, else ``--refine_from``."""
+    refined = refined_teacher(args, work, kind)
+    return Path(args.refine_from) if args.refine_from and not (refined / "model_index.json").is_file() else refined
 
 
 def stage_teacher_long(args, work: Path, kind: str) -> None:
@@ -206,9 +217,19 @@ def stage_refine_teacher(args, work: Path, kind: str) -> None:
     evaluated like the others."""
     if args.refine_steps <= 0:
         return
-    out = shipped_teacher(args, work, kind)
+    out = refined_teacher(args, work, kind)
     if not (out / "model_index.json").is_file():
         run(*refine_command(args, work, Path(args.refine_from or long_teacher(args, work, kind)), out))
+    evaluate_teacher(args, out, work / f"eval-{out.name}.json")
+
+
+def stage_balance_teacher(args, work: Path, kind: str) -> None:
+    """The refined teacher refined again with every value of ``--balance_by`` drawn equally often, evaluated."""
+    if args.balance_steps <= 0:
+        return
+    out = shipped_teacher(args, work, kind)
+    if not (out / "model_index.json").is_file():
+        run(*refine_command(args, work, balance_start(args, work, kind), out, balance=True))
     evaluate_teacher(args, out, work / f"eval-{out.name}.json")
 
 
@@ -393,10 +414,11 @@ def pct(x) -> str:
     return f"{100 * x:.1f} %"
 
 
-def teacher_figures(work: Path, folder: str, base: dict | None = None) -> dict:
+def teacher_figures(work: Path, folder: str, base: dict | None = None, stage: str | None = None) -> dict:
     """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation of the
     teacher in ``work/folder``; a continued or refined teacher's steps, FLOPs and time include those of the ``base``
-    row it started from (for ``-long``: the stage timings of its 4,000-step run)."""
+    row it started from (for ``-long``: the stage timings of its 4,000-step run); a refined one's own time is its
+    ``stage``'s."""
     import ldm
     from ldm.flops import denoiser_training_flops
 
@@ -411,7 +433,7 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None) -> dict:
         minutes += timings.get("continue-teacher", 0)
     pflop = per_image * steps * trained["train_batch_size"] / 1e15
     if base is not None:
-        own = timings.get("refine-teacher-balanced" if folder.endswith("-balanced") else "refine-teacher")
+        own = timings.get(stage)
         steps, pflop = steps + base["steps"], pflop + base["pflop"]
         minutes = base["minutes"] + own if base["minutes"] and own else None
     return {"kind": kind, "name": folder.removeprefix("teacher-"), "class": type(denoiser).__name__,
@@ -420,29 +442,32 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None) -> dict:
             "eval": json.loads((work / f"eval-{folder}.json").read_text())}
 
 
-def refine_base(args, kind: str, rows: dict, own: str) -> dict | None:
-    """The row a refined teacher (named ``own``) started from: the teacher shipped in ``--refine_from`` (the
-    ``shipped`` name of its ``teachers.json``, else its last row of this kind), without it the continued one."""
-    record = Path(args.refine_from or "") / "teachers.json"
-    if args.refine_from and record.is_file():
-        saved = json.loads(record.read_text())
-        name = saved.get("shipped")
-        if name in (None, own):  # a record from before "shipped", or re-shipping the same refinement
-            name = [r["name"] for r in saved["rows"] if r["kind"] == kind and r["name"] != own][-1]
-        return rows.get(name)
-    return rows.get(long_teacher(args, Path(), kind).name.removeprefix("teacher-"))
+def refine_base(kind: str, rows: dict, own: str, start: Path) -> dict | None:
+    """The row a refined teacher (named ``own``) started from, the pipeline ``start``: a work folder is its own row;
+    a shipped one names its row in its ``teachers.json`` (``shipped``; a record from before that key, or one naming
+    ``own`` or a teacher made from it, gives its last other row of this kind)."""
+    if not (start / "teachers.json").is_file():
+        return rows.get(start.name.removeprefix("teacher-"))
+    saved = json.loads((start / "teachers.json").read_text())
+    name = saved.get("shipped")
+    if name is None or name == own or name.startswith(f"{own}-"):
+        name = [r["name"] for r in saved["rows"] if r["kind"] == kind and r["name"] != own
+                and not r["name"].startswith(f"{own}-")][-1]
+    return rows.get(name)
 
 
 def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
     """The teachers' table, oldest first: every teacher folder in ``work`` measured; those no longer there taken
     from ``saved`` (the ``teachers.json`` the last ``ship-teacher`` wrote beside the shipped model)."""
     rows = {r["name"]: r for r in saved}
-    long, shipped = long_teacher(args, work, kind).name, shipped_teacher(args, work, kind).name
-    for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long, shipped)):
+    long, balanced = long_teacher(args, work, kind), f"{refined_teacher(args, work, kind).name}-balanced"
+    starts = {f"teacher-{kind}-refine": (Path(args.refine_from) if args.refine_from else long, "refine-teacher"),
+              balanced: (balance_start(args, work, kind), "balance-teacher")}
+    for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long.name, f"teacher-{kind}-refine", balanced)):
         if (work / folder / "model_index.json").is_file():
             name = folder.removeprefix("teacher-")
-            base = refine_base(args, kind, rows, name) if "-refine" in folder else None
-            rows[name] = teacher_figures(work, folder, base)
+            start, stage = starts.get(folder, (None, None))
+            rows[name] = teacher_figures(work, folder, start and refine_base(kind, rows, name, start), stage)
     return list(rows.values())
 
 
@@ -483,7 +508,7 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     rows = teacher_rows(args, work, kind, record.get("rows", []))
     teacher_stages = STAGES[:STAGES.index("ship-teacher") + 1]
     timings = {**record.get("timings", {}), **{k: v for k, v in json.loads((work / "timings.json").read_text()).items()
-                                               if k.removesuffix("-balanced") in teacher_stages}}
+                                               if k in teacher_stages}}
     ship_pipeline(shipped, target, trailing_ddim=True, half=("denoiser", "vae", "text_encoder"))
     if (work / "clip" / "config.json").is_file():
         ship_clip(work, out / "emoji-clip")
@@ -517,18 +542,20 @@ Then `--stages refine-teacher` fine-tuned it {args.refine_steps} steps more (fre
 100-step warm-up and cosine decay, EMA 0.999) with the training timesteps drawn logit-normal around t = 500
 (`--weighting_scheme logit_normal`, mean 0, std 1) instead of uniformly: the noise band (SNR about 0.02 to 0.2) where a
 sample from pure noise commits to its layout, which `training/inspect_denoiser.py` showed the continued teacher
-losing (the README's "Where the shapes are lost").{balance_note(args)}"""
+losing (the README's "Where the shapes are lost")."""
 
 
-def balance_note(args) -> str:
-    if not args.balance_by:
+def balance_note(shipped: Path) -> str:
+    """The card's account of the balance-teacher stage, naming the pipeline it started from."""
+    if not shipped.name.endswith("-balanced"):
         return ""
-    start = f"`{args.refine_from}`" if args.refine_from else "the continued teacher"
+    trained = json.loads((shipped / "training_args.json").read_text())
     return f"""
-The shipped `-refine-balanced` teacher is such a refinement of {start} that drew every value of the data's
-`{args.balance_by}` column equally often (`--balance_by {args.balance_by}`, with replacement, seeded per epoch): with
-`hexcode` each concept as often as any other, however many renders (styles, skin tones) it has; people are 59 % of
-the renders but 20 % of the concepts."""
+Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps from
+`{trained["pretrained_model_name_or_path"]}` (the row above), drawing every value of the data's
+`{trained["balance_by"]}` column equally often (`--balance_steps`, `--balance_by`; with replacement, seeded per
+epoch): with `hexcode` each concept as often as any other, however many renders (styles, skin tones) it has; people
+are 59 % of the renders but 20 % of the concepts."""
 
 
 def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict) -> str:
@@ -539,7 +566,7 @@ def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Pat
         f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
         f"{pct(report[k]['real_top5'])} | {report[k]['clip_score']:.3f} / {report[k]['real_clip_score']:.3f} = "
         f"{report[k]['clip_score_ratio']:.2f} | {report[k]['frechet_clip_distance']:.3f} |" for k in SETS_TEXT)
-    times = ", ".join(f"{k} {timings[k]:.0f} min" for s in STAGES for k in (s, f"{s}-balanced") if k in timings)
+    times = ", ".join(f"{s} {timings[s]:.0f} min" for s in STAGES if s in timings)
     return f"""The samples above are the 30 natural prompts of the evaluation (one image each, seed = prompt index,
 {steps} DDIM steps, guidance {scale}).
 
@@ -556,7 +583,7 @@ guidance {scale}), retrieval over all concepts with the project CLIP (`models/em
 
 The better teacher by held-out top-5 retrieval ({chosen["kind"]}) was then trained on from its step-{args.teacher_steps}
 checkpoint to {args.long_teacher_steps} steps (`--stages continue-teacher`, `--long_teacher_steps`: the cosine schedule
-of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}
+of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}{balance_note(shipped)}
 The row marked "shipped" is this model. The comparison of the two architectures is the pair of
 {args.teacher_steps}-step rows.
 
@@ -718,7 +745,7 @@ def main(args: argparse.Namespace) -> None:
     choice = work / "teacher-choice.json"
     kind = None
     for stage in args.stages:
-        with StageClock(work / "timings.json", clock_name(args, stage)):
+        with StageClock(work / "timings.json", stage):
             if stage == "data":
                 stage_data(args, work)
             elif stage == "clip":
@@ -733,6 +760,8 @@ def main(args: argparse.Namespace) -> None:
                 stage_teacher_long(args, work, kind or chosen_kind(choice))
             elif stage == "refine-teacher":
                 stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
+            elif stage == "balance-teacher":
+                stage_balance_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
             elif stage == "ship-teacher":
                 stage_ship_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
             elif stage == "student":
