@@ -79,8 +79,7 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     in ``distilled-fold-4800``); another fold length, range or round length is another folder, so it never resumes
     the wrong run, and a run that only changes the round length starts from the finished fold of the same teacher;
     a folder records its teacher and refuses another;
-    a range that does not hold the sampling scale is refused; ``--distill_from`` replaces the work folder's teacher;
-    without it, and without the teacher choice, the stage says what to run."""
+    a range that does not hold the sampling scale is refused."""
     from pathlib import Path
 
     from conftest import load_script
@@ -128,8 +127,18 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
         recipe.fold_range(recipe.parse_args(["--guidance_range", "3", "8"]))
     with pytest.raises(ValueError, match="must hold --guidance_scale 4"):  # the teacher's, which it is compared with
         recipe.fold_range(recipe.parse_args(["--guidance_range", "1", "3"]))
-    # shipping sets the student's default guidance (its scheduler's) and returns the one it was distilled with
+
+
+def test_emoji_recipe_ship_student_sets_its_guidance_and_distill_from_replaces_the_teacher(tmp_path):
+    """Shipping sets the student's default guidance (its scheduler's) and returns the one it was distilled with;
+    ``--distill_from`` replaces the work folder's teacher; without it, and without the teacher choice, the stage says
+    what to run."""
+    from pathlib import Path
+
+    from conftest import load_script
     from ldm import ProgressiveDistillationScheduler
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
 
     ProgressiveDistillationScheduler(num_distilled_steps=4, guidance_scale=4.0, guidance_scale_range=[1.0, 8.0],
                                      prediction_type="v_prediction").save_pretrained(tmp_path / "ship" / "scheduler")
