@@ -212,24 +212,16 @@ def stage_teacher_long(args, work: Path, kind: str) -> None:
     evaluate_teacher(args, out, work / f"eval-{out.name}.json")
 
 
-def stage_refine_teacher(args, work: Path, kind: str) -> None:
+def stage_refine_teacher(args, work: Path, kind: str, balance: bool = False) -> None:
     """The continued teacher (or ``--refine_from``) fine-tuned ``--refine_steps`` on mid-noise timesteps, then
-    evaluated like the others."""
-    if args.refine_steps <= 0:
+    evaluated like the others; ``balance``: the refined one fine-tuned again ``--balance_steps`` with every value of
+    ``--balance_by`` drawn equally often."""
+    if (args.balance_steps if balance else args.refine_steps) <= 0:
         return
-    out = refined_teacher(args, work, kind)
+    out = shipped_teacher(args, work, kind) if balance else refined_teacher(args, work, kind)
+    start = balance_start(args, work, kind) if balance else Path(args.refine_from or long_teacher(args, work, kind))
     if not (out / "model_index.json").is_file():
-        run(*refine_command(args, work, Path(args.refine_from or long_teacher(args, work, kind)), out))
-    evaluate_teacher(args, out, work / f"eval-{out.name}.json")
-
-
-def stage_balance_teacher(args, work: Path, kind: str) -> None:
-    """The refined teacher refined again with every value of ``--balance_by`` drawn equally often, evaluated."""
-    if args.balance_steps <= 0:
-        return
-    out = shipped_teacher(args, work, kind)
-    if not (out / "model_index.json").is_file():
-        run(*refine_command(args, work, balance_start(args, work, kind), out, balance=True))
+        run(*refine_command(args, work, start, out, balance))
     evaluate_teacher(args, out, work / f"eval-{out.name}.json")
 
 
@@ -758,10 +750,9 @@ def main(args: argparse.Namespace) -> None:
                 kind = stage_evaluate_teachers(args, work)
             elif stage == "continue-teacher":
                 stage_teacher_long(args, work, kind or chosen_kind(choice))
-            elif stage == "refine-teacher":
-                stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
-            elif stage == "balance-teacher":
-                stage_balance_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
+            elif stage in ("refine-teacher", "balance-teacher"):
+                stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from),
+                                     balance=stage == "balance-teacher")
             elif stage == "ship-teacher":
                 stage_ship_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
             elif stage == "student":
