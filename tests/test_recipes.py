@@ -198,8 +198,8 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_and_its_row_adds
     """``balance-teacher`` (on by default) runs the refine recipe again from the refined teacher with
     ``--balance_by hexcode`` into ``teacher-KIND-refine-balanced``, which ships; without the work folder's refined
     teacher it starts from ``--refine_from``. Its row adds its own stage time to the row it started from: a work
-    folder's, or the one a shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record already
-    names the balanced teacher or lacks the key, the last other row."""
+    folder's, or the one a shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record ships
+    the balanced teacher or one made from it, the row the record says it was made from (``from``)."""
     import json
     from pathlib import Path
 
@@ -208,8 +208,9 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_and_its_row_adds
     recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
     shipped = tmp_path / "shipped"
     shipped.mkdir()
-    saved = [{"kind": "unet", "name": n, "steps": s, "pflop": p, "minutes": m} for n, s, p, m in
-             (("unet", 4000, 1.0, 286), ("unet-long", 6000, 1.5, 378), ("unet-refine", 8400, 2.1, 499))]
+    saved = [{"kind": "unet", "name": n, "from": f, "steps": s, "pflop": p, "minutes": m} for n, f, s, p, m in
+             (("unet", None, 4000, 1.0, 286), ("unet-long", "unet", 6000, 1.5, 378),
+              ("unet-refine", "unet-long", 8400, 2.1, 499))]
     (shipped / "teachers.json").write_text(json.dumps({"rows": saved, "shipped": "unet-refine"}))
     args = recipe.parse_args(["--refine_from", str(shipped)])
     assert recipe.STAGES.index("refine-teacher") < recipe.STAGES.index("balance-teacher") < \
@@ -232,15 +233,24 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_and_its_row_adds
     rows = recipe.teacher_rows(args, tmp_path, "unet", saved)
     assert [r["name"] for r in rows] == ["unet", "unet-long", "unet-refine", "unet-refine-balanced"]
     assert (rows[3]["steps"], rows[3]["minutes"]) == (8410, 506.0)
-    # without a "shipped" record (a teachers.json written before it), the last other row of the kind is the base
-    (shipped / "teachers.json").write_text(json.dumps({"rows": saved}))
-    assert recipe.teacher_rows(args, tmp_path, "unet", saved)[3]["steps"] == 8410
-    # a record that already names the balanced teacher (re-shipping it) gives the last other row too
-    named = saved + [{"kind": "unet", "name": "unet-refine-balanced", "steps": 1, "pflop": 0.0, "minutes": 1}]
-    (shipped / "teachers.json").write_text(json.dumps({"rows": named, "shipped": "unet-refine-balanced"}))
-    assert recipe.teacher_rows(args, tmp_path, "unet", saved)[3]["steps"] == 8410
+    assert rows[3]["from"] == "unet-refine" and rows[:3] == saved
+    # a record that ships the balanced teacher (re-shipping it), or a teacher made from it, gives the row it was made
+    # from, whatever the names; a record that cannot say is refused
+    named = saved + [{"kind": "unet", "name": "unet-refine-balanced", "from": "unet-refine", "steps": 1},
+                     {"kind": "unet", "name": "x", "from": "unet-refine-balanced", "steps": 1}]
+    for ships in ("unet-refine-balanced", "x"):
+        (shipped / "teachers.json").write_text(json.dumps({"rows": named, "shipped": ships}))
+        assert recipe.teacher_rows(args, tmp_path, "unet", saved)[3]["steps"] == 8410
+    (shipped / "teachers.json").write_text(json.dumps({"rows": saved}))  # no "shipped"
+    with pytest.raises(ValueError, match="needs 'shipped'"):
+        recipe.teacher_rows(args, tmp_path, "unet", saved)
+    (shipped / "teachers.json").write_text(json.dumps({"rows": saved + [{"name": "unet-refine-balanced"}],
+                                                        "shipped": "unet-refine-balanced"}))  # no "from"
+    with pytest.raises(ValueError, match="re-ship the teacher"):
+        recipe.teacher_rows(args, tmp_path, "unet", saved)
     # with the work folder's refined teacher, the balanced one starts from it and adds to its (measured) row, whose
-    # own base is the last row of the record that is neither it nor made from it
+    # own base is the row the record ships (no longer the refined one: its record says what that was made from)
+    (shipped / "teachers.json").write_text(json.dumps({"rows": named, "shipped": "unet-refine-balanced"}))
     refined = tmp_path / "teacher-unet-refine"
     tiny_pipeline("unet", seed=0).save_pretrained(refined)
     (refined / "training_args.json").write_text(json.dumps({"max_train_steps": 20, "train_batch_size": 4}))

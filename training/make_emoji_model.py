@@ -410,7 +410,7 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None, stage: st
     """Parameters, training FLOPs (forward + backward per image x images seen), wall time and evaluation of the
     teacher in ``work/folder``; a continued or refined teacher's steps, FLOPs and time include those of the ``base``
     row it started from (for ``-long``: the stage timings of its 4,000-step run); a refined one's own time is its
-    ``stage``'s."""
+    ``stage``'s. The row names the row it was made from (``from``: the base; for ``-long``, the first teacher)."""
     import ldm
     from ldm.flops import denoiser_training_flops
 
@@ -428,7 +428,8 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None, stage: st
         own = timings.get(stage)
         steps, pflop = steps + base["steps"], pflop + base["pflop"]
         minutes = base["minutes"] + own if base["minutes"] and own else None
-    return {"kind": kind, "name": folder.removeprefix("teacher-"), "class": type(denoiser).__name__,
+    made_from = base["name"] if base is not None else kind if folder.endswith("-long") else None
+    return {"kind": kind, "name": folder.removeprefix("teacher-"), "from": made_from, "class": type(denoiser).__name__,
             "params": sum(p.numel() for p in denoiser.parameters()), "gflop_per_image": per_image / 1e9,
             "pflop": pflop, "steps": steps, "minutes": minutes,
             "eval": json.loads((work / f"eval-{folder}.json").read_text())}
@@ -436,15 +437,21 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None, stage: st
 
 def refine_base(kind: str, rows: dict, own: str, start: Path) -> dict | None:
     """The row a refined teacher (named ``own``) started from, the pipeline ``start``: a work folder is its own row;
-    a shipped one names its row in its ``teachers.json`` (``shipped``; a record from before that key, or one naming
-    ``own`` or a teacher made from it, gives its last other row of this kind)."""
+    a shipped one is the row its ``teachers.json`` ships (``shipped``), unless that row is ``own`` or was made from it
+    (re-shipping ``own``): then the row the record says ``own`` was made from (each row's ``from``)."""
     if not (start / "teachers.json").is_file():
         return rows.get(start.name.removeprefix("teacher-"))
     saved = json.loads((start / "teachers.json").read_text())
-    name = saved.get("shipped")
-    if name is None or name == own or name.startswith(f"{own}-"):
-        name = [r["name"] for r in saved["rows"] if r["kind"] == kind and r["name"] != own
-                and not r["name"].startswith(f"{own}-")][-1]
+    made_from = {r["name"]: r.get("from") for r in saved["rows"]}
+    name, seen = saved.get("shipped"), set()
+    while name is not None and name != own and name not in seen:  # up the chain the shipped row was made along
+        seen.add(name)
+        name = made_from.get(name)
+    name = made_from.get(own) if name == own else saved.get("shipped")
+    if name is None:
+        raise ValueError(f"{start / 'teachers.json'} names no row that {own} can start from: it needs 'shipped' (and "
+                         f"'from' on the row {own!r} when it ships {own} or a teacher made from it); re-ship the "
+                         "teacher with --stages ship-teacher, or refine from a work folder")
     return rows.get(name)
 
 
