@@ -154,9 +154,9 @@ def test_emoji_recipe_ship_student_sets_its_guidance_and_distill_from_replaces_t
 def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_of_gone_teachers(tmp_path):
     """``refine-teacher`` fine-tunes the continued teacher (or ``--refine_from``) on mid-noise logit-normal
     timesteps into its own folder, which ships with ``--balance_steps 0``; ``--refine_steps 0 --balance_steps 0``
-    ships the continued one. The teachers' table keeps the rows of teachers whose folders are gone (from the shipped ``teachers.json``), and a refined row
-    counts the steps, FLOPs and minutes of the run it started from. Without the teacher choice, the kind comes from
-    the ``--refine_from`` pipeline's denoiser."""
+    ships the continued one. The teachers' table keeps the rows of teachers whose folders are gone (from the shipped
+    ``teachers.json``), and a refined row counts the steps, FLOPs and minutes of the run it started from. Without the
+    teacher choice, the kind comes from the ``--refine_from`` pipeline's denoiser."""
     import json
     from pathlib import Path
 
