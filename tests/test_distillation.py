@@ -528,6 +528,41 @@ def _record_calls(module, calls: list[dict], keep_grad: bool) -> None:
     module.register_forward_hook(hook, with_kwargs=True)
 
 
+def _guided_fold_target(rec, call, sched, empty_embeds, empty_mask):
+    """The guidance fold's target for one recorded student call: the teacher ran once on [unconditional;
+    conditional] at the student's z_t and tau, and its guided x at the student's scale is the target."""
+    z, tau, n = rec["z"], rec["tau"], rec["z"].shape[0]
+    assert call["guidance"] is None
+    torch.testing.assert_close(call["z"], torch.cat([z, z]), rtol=0, atol=0)
+    torch.testing.assert_close(call["embeds"][n:], rec["embeds"], rtol=0, atol=0)
+    torch.testing.assert_close(call["mask"][n:], rec["mask"], rtol=0, atol=0)
+    torch.testing.assert_close(call["embeds"][:n], empty_embeds.expand(n, -1, -1), rtol=0, atol=0)
+    torch.testing.assert_close(call["mask"][:n], empty_mask.expand(n, -1), rtol=0, atol=0)
+    assert set(tau.tolist()) <= set(sched.time_grid(4)[:-1].tolist())
+    scale = rec["guidance"]
+    assert scale.shape == (n,) and ((scale >= 1.0) & (scale <= 8.0)).all()
+    x_uncond, x_cond = sched.predict_x0(call["out"], call["tau"], call["z"]).chunk(2)
+    return guided_x0(x_uncond, x_cond, scale)
+
+
+def _halving_target(rec, teacher, sched, stage, empty_embeds, empty_mask):
+    """An unguided halving round's target for one recorded student call (no scale), Algorithm 2's two teacher
+    steps recomputed from the student's own inputs; also which rows had their caption dropped."""
+    z, tau, n = rec["z"], rec["tau"], rec["z"].shape[0]
+    assert rec["guidance"] is None
+    dropped = [bool((rec["embeds"][b] == empty_embeds[0]).all() and (rec["mask"][b] == empty_mask[0]).all())
+               for b in range(n)]
+    grid = sched.time_grid(2 * stage.student_steps).tolist()
+    j = torch.tensor([grid.index(t) for t in tau.tolist()])
+    assert (j % 2 == 0).all()
+    with torch.no_grad():
+        target, _ = two_step_target(
+            lambda zz, tt: sched.predict_x0(teacher(zz, tt, rec["embeds"], encoder_attention_mask=rec["mask"]).sample,
+                                            tt, zz),
+            sched, z, tau, torch.tensor(grid)[j + 1], torch.tensor(grid)[j + 2])
+    return target, dropped
+
+
 @pytest.mark.parametrize("kind", ["dit-guidance-fold", "unet-round"])
 def test_stage_trains_the_student_on_the_frozen_teachers_target(script, teachers, kind):
     """Run one stage of the real trainer with a teacher we hold (left in train mode on purpose) and probe it:
@@ -578,32 +613,11 @@ def test_stage_trains_the_student_on_the_frozen_teachers_target(script, teachers
     dropped_total = []
     for step, rec in enumerate(student_calls):
         z, tau, n = rec["z"], rec["tau"], rec["z"].shape[0]
-        if guided:  # one teacher batch of [unconditional; conditional] at the student's z_t and tau
-            call = teacher_calls[step]
-            assert call["guidance"] is None
-            torch.testing.assert_close(call["z"], torch.cat([z, z]), rtol=0, atol=0)
-            torch.testing.assert_close(call["embeds"][n:], rec["embeds"], rtol=0, atol=0)
-            torch.testing.assert_close(call["mask"][n:], rec["mask"], rtol=0, atol=0)
-            torch.testing.assert_close(call["embeds"][:n], empty_embeds.expand(n, -1, -1), rtol=0, atol=0)
-            torch.testing.assert_close(call["mask"][:n], empty_mask.expand(n, -1), rtol=0, atol=0)
-            assert set(tau.tolist()) <= set(sched.time_grid(4)[:-1].tolist())
-            scale = rec["guidance"]
-            assert scale.shape == (n,) and ((scale >= 1.0) & (scale <= 8.0)).all()
-            x_uncond, x_cond = sched.predict_x0(call["out"], call["tau"], call["z"]).chunk(2)
-            target = guided_x0(x_uncond, x_cond, scale)
-        else:  # unguided student: no scale; recompute Algorithm 2's target from the student's inputs
-            assert rec["guidance"] is None
-            dropped = [bool((rec["embeds"][b] == empty_embeds[0]).all() and (rec["mask"][b] == empty_mask[0]).all())
-                       for b in range(n)]
+        if guided:
+            target = _guided_fold_target(rec, teacher_calls[step], sched, empty_embeds, empty_mask)
+        else:
+            target, dropped = _halving_target(rec, teacher, sched, stage, empty_embeds, empty_mask)
             dropped_total.extend(dropped)
-            grid = sched.time_grid(2 * stage.student_steps).tolist()
-            j = torch.tensor([grid.index(t) for t in tau.tolist()])
-            assert (j % 2 == 0).all()
-            with torch.no_grad():
-                target, _ = two_step_target(
-                    lambda zz, tt: sched.predict_x0(teacher(zz, tt, rec["embeds"],
-                                                            encoder_attention_mask=rec["mask"]).sample, tt, zz),
-                    sched, z, tau, torch.tensor(grid)[j + 1], torch.tensor(grid)[j + 2])
         x_student = sched.predict_x0(rec["out"], tau, z)
         _, sigma = sched.alpha_sigma(tau)
         weight = truncated_snr_weight(sched, tau)

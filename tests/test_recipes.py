@@ -194,12 +194,10 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "dit"  # the record wins
 
 
-def test_emoji_recipe_balance_stage_refines_the_refined_teacher_and_its_row_adds_to_the_row_it_started_from(tmp_path):
+def test_emoji_recipe_balance_stage_refines_the_refined_teacher_with_every_concept_equally_often(tmp_path):
     """``balance-teacher`` (on by default) runs the refine recipe again from the refined teacher with
     ``--balance_by hexcode`` into ``teacher-KIND-refine-balanced``, which ships; without the work folder's refined
-    teacher it starts from ``--refine_from``. Its row adds its own stage time to the row it started from: a work
-    folder's, or the one a shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record ships
-    the balanced teacher or one made from it, the row the record says it was made from (``from``)."""
+    teacher it starts from ``--refine_from``."""
     import json
     from pathlib import Path
 
@@ -225,6 +223,24 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_and_its_row_adds
     cmd = [str(c) for c in recipe.refine_command(refine, tmp_path, shipped, tmp_path / "out", balance=True)]
     assert cmd[cmd.index("--balance_by") + 1] == "group" and cmd[cmd.index("--max_train_steps") + 1] == "1"
 
+
+def test_emoji_recipe_balanced_row_adds_to_the_row_it_started_from(tmp_path):
+    """The balanced teacher's row adds its own stage time to the row it started from: a work folder's, or the one a
+    shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record ships the balanced teacher or
+    one made from it, the row the record says it was made from (``from``); a record that cannot say is refused."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    saved = [{"kind": "unet", "name": n, "from": f, "steps": s, "pflop": p, "minutes": m} for n, f, s, p, m in
+             (("unet", None, 4000, 1.0, 286), ("unet-long", "unet", 6000, 1.5, 378),
+              ("unet-refine", "unet-long", 8400, 2.1, 499))]
+    (shipped / "teachers.json").write_text(json.dumps({"rows": saved, "shipped": "unet-refine"}))
+    args = recipe.parse_args(["--refine_from", str(shipped)])
     folder = tmp_path / "teacher-unet-refine-balanced"
     tiny_pipeline("unet", seed=0).save_pretrained(folder)
     (folder / "training_args.json").write_text(json.dumps({"max_train_steps": 10, "train_batch_size": 4}))
