@@ -194,10 +194,9 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     assert recipe.chosen_kind(tmp_path / "teacher-choice.json", str(folder)) == "dit"  # the record wins
 
 
-def test_emoji_recipe_balance_stage_refines_the_refined_teacher_with_every_concept_equally_often(tmp_path):
-    """``balance-teacher`` (on by default) runs the refine recipe again from the refined teacher with
-    ``--balance_by hexcode`` into ``teacher-KIND-refine-balanced``, which ships; without the work folder's refined
-    teacher it starts from ``--refine_from``."""
+def _shipped_refined_teacher(tmp_path):
+    """The recipe module, a shipped folder whose ``teachers.json`` ships ``unet-refine`` (each row naming the row it
+    was made from), its rows, and the recipe's arguments refining from it."""
     import json
     from pathlib import Path
 
@@ -210,7 +209,14 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_with_every_conce
              (("unet", None, 4000, 1.0, 286), ("unet-long", "unet", 6000, 1.5, 378),
               ("unet-refine", "unet-long", 8400, 2.1, 499))]
     (shipped / "teachers.json").write_text(json.dumps({"rows": saved, "shipped": "unet-refine"}))
-    args = recipe.parse_args(["--refine_from", str(shipped)])
+    return recipe, shipped, saved, recipe.parse_args(["--refine_from", str(shipped)])
+
+
+def test_emoji_recipe_balance_stage_refines_the_refined_teacher_with_every_concept_equally_often(tmp_path):
+    """``balance-teacher`` (on by default) runs the refine recipe again from the refined teacher with
+    ``--balance_by hexcode`` into ``teacher-KIND-refine-balanced``, which ships; without the work folder's refined
+    teacher it starts from ``--refine_from``."""
+    recipe, shipped, saved, args = _shipped_refined_teacher(tmp_path)
     assert recipe.STAGES.index("refine-teacher") < recipe.STAGES.index("balance-teacher") < \
         recipe.STAGES.index("ship-teacher")
     assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine-balanced"
@@ -229,18 +235,8 @@ def test_emoji_recipe_balanced_row_adds_to_the_row_it_started_from(tmp_path):
     shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record ships the balanced teacher or
     one made from it, the row the record says it was made from (``from``); a record that cannot say is refused."""
     import json
-    from pathlib import Path
 
-    from conftest import load_script
-
-    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    saved = [{"kind": "unet", "name": n, "from": f, "steps": s, "pflop": p, "minutes": m} for n, f, s, p, m in
-             (("unet", None, 4000, 1.0, 286), ("unet-long", "unet", 6000, 1.5, 378),
-              ("unet-refine", "unet-long", 8400, 2.1, 499))]
-    (shipped / "teachers.json").write_text(json.dumps({"rows": saved, "shipped": "unet-refine"}))
-    args = recipe.parse_args(["--refine_from", str(shipped)])
+    recipe, shipped, saved, args = _shipped_refined_teacher(tmp_path)
     folder = tmp_path / "teacher-unet-refine-balanced"
     tiny_pipeline("unet", seed=0).save_pretrained(folder)
     (folder / "training_args.json").write_text(json.dumps({"max_train_steps": 10, "train_batch_size": 4}))
