@@ -435,7 +435,7 @@ def teacher_figures(work: Path, folder: str, base: dict | None = None, stage: st
             "eval": json.loads((work / f"eval-{folder}.json").read_text())}
 
 
-def refine_base(kind: str, rows: dict, own: str, start: Path) -> dict | None:
+def refine_base(rows: dict, own: str, start: Path) -> dict | None:
     """The row a refined teacher (named ``own``) started from, the pipeline ``start``: a work folder is its own row;
     a shipped one is the row its ``teachers.json`` ships (``shipped``), unless that row is ``own`` or was made from it
     (re-shipping ``own``): then the row the record says ``own`` was made from (each row's ``from``)."""
@@ -466,7 +466,7 @@ def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
         if (work / folder / "model_index.json").is_file():
             name = folder.removeprefix("teacher-")
             start, stage = starts.get(folder, (None, None))
-            rows[name] = teacher_figures(work, folder, start and refine_base(kind, rows, name, start), stage)
+            rows[name] = teacher_figures(work, folder, start and refine_base(rows, name, start), stage)
     return list(rows.values())
 
 
