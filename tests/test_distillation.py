@@ -680,3 +680,5 @@ def test_a_stage_resumes_only_with_the_arguments_it_started_with(script, tmp_pat
     changed = script.parse_args(base[:1] + ["teacher-b"] + base[2:] + ["--learning_rate", "1e-3"])
     with pytest.raises(ValueError, match=r"--teacher 'teacher-a' -> 'teacher-b', --learning_rate 5e-05 -> 0.001"):
         script.check_stage_arguments(changed, stage, work)
+    with pytest.raises(ValueError, match=r"--balance_by None -> 'hexcode'"):  # rows drawn otherwise: another run
+        script.check_stage_arguments(script.parse_args(base + ["--balance_by", "hexcode"]), stage, work)

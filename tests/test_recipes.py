@@ -75,8 +75,8 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
 
 
 def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
-    """The emoji recipe's student stage: the defaults are the shipped student's (guidance 1 to 8, fold of 4,800 steps
-    in ``distilled-fold-4800``); another fold length, range or round length is another folder, so it never resumes
+    """The emoji recipe's student stage with unbalanced rounds: guidance 1 to 8, fold of 4,800 steps in
+    ``distilled-fold-4800``; another fold length, range or round length is another folder, so it never resumes
     the wrong run, and a run that only changes the round length starts from the finished fold of the same teacher;
     a folder records its teacher and refuses another;
     a range that does not hold the sampling scale is refused."""
@@ -87,19 +87,19 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
     from ldm.distributed import resolve_mixed_precision
 
-    args = recipe.parse_args([])
+    args = recipe.parse_args(["--round_balance_by", "none"])
     assert args.mixed_precision == resolve_mixed_precision("auto")  # "auto" is resolved as it is parsed
     assert recipe.fold_range(args) == (1.0, 8.0) and recipe.distill_dir(args, tmp_path).name == "distilled-fold-4800"
     args = recipe.parse_args(["--guidance_range", "4", "4", "--student_guidance_scale", "4",
-                              "--guidance_steps", "1200"])
+                              "--guidance_steps", "1200", "--round_balance_by", "none"])
     assert recipe.distill_dir(args, tmp_path).name == "distilled-fold-1200-s4"
-    assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6"]), tmp_path).name == \
-        "distilled-fold-4800-s2-6"
+    assert recipe.distill_dir(recipe.parse_args(["--guidance_range", "2", "6", "--round_balance_by", "none"]),
+                              tmp_path).name == "distilled-fold-4800-s2-6"
     teacher, other = tmp_path / "teacher", tmp_path / "other-teacher"
     for folder, weights in ((teacher, b"old"), (other, b"new")):
         (folder / "denoiser").mkdir(parents=True)
         (folder / "denoiser" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
-    args = recipe.parse_args(["--distill_steps", "800"])  # only the rounds change: the finished fold is copied
+    args = recipe.parse_args(["--distill_steps", "800", "--round_balance_by", "none"])  # the fold is copied
     out = recipe.distill_dir(args, tmp_path)
     assert out.name == "distilled-fold-4800-r800"
     recipe.reuse_fold(args, out, recipe.teacher_digest(teacher))
@@ -114,8 +114,9 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     assert (out / "guided-16-steps" / "model_index.json").read_text() == "{}"
     recipe.bind_teacher(out, teacher)
     shutil.rmtree(fold.parent)  # and back: the default round length finds it in the -r800 folder
-    default = recipe.distill_dir(recipe.parse_args([]), tmp_path)
-    recipe.reuse_fold(recipe.parse_args([]), default, recipe.teacher_digest(teacher))
+    unbalanced = recipe.parse_args(["--round_balance_by", "none"])
+    default = recipe.distill_dir(unbalanced, tmp_path)
+    recipe.reuse_fold(unbalanced, default, recipe.teacher_digest(teacher))
     assert (default / "guided-16-steps" / "model_index.json").is_file()
     # a student folder is tied to its teacher: a replaced teacher never resumes (or ships) the old distillation
     with pytest.raises(ValueError, match="distils another teacher .* move that folder aside"):
@@ -127,6 +128,40 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
         recipe.fold_range(recipe.parse_args(["--guidance_range", "3", "8"]))
     with pytest.raises(ValueError, match="must hold --guidance_scale 4"):  # the teacher's, which it is compared with
         recipe.fold_range(recipe.parse_args(["--guidance_range", "1", "3"]))
+
+
+def test_emoji_recipe_balanced_rounds_start_from_the_unbalanced_fold(tmp_path):
+    """By default the halving rounds draw every concept equally often (``--round_balance_by hexcode``) in their own
+    folder, ``distilled-fold-4800-by-hexcode``; the fold is made without balancing in ``distilled-fold-4800`` (the
+    folder of the unbalanced rounds) and copied from there, so both students share one fold."""
+    from pathlib import Path
+
+    from conftest import load_script
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    args = recipe.parse_args([])
+    out, base = recipe.distill_dir(args, tmp_path), recipe.distill_dir(args, tmp_path, rounds=False)
+    assert (out.name, base.name) == ("distilled-fold-4800-by-hexcode", "distilled-fold-4800")
+    assert recipe.distill_dir(recipe.parse_args(["--distill_steps", "800"]), tmp_path).name == \
+        "distilled-fold-4800-r800-by-hexcode"
+    assert recipe.distill_dir(recipe.parse_args(["--round_balance_by", "None"]), tmp_path) == base
+
+    def flags(rounds, balance):
+        cmd = [str(c) for c in recipe.distill_command(args, Path("models/emoji"), out, rounds, balance)]
+        return {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("--")}
+
+    fold, rounds = flags(0, None), flags(2, recipe.round_balance(args))
+    assert fold["--rounds"] == "0" and "--balance_by" not in fold
+    assert (rounds["--rounds"], rounds["--balance_by"]) == ("2", "hexcode")
+    assert rounds["--train_data_dir"] == str(tmp_path / "data")
+    teacher = tmp_path / "teacher"
+    (teacher / "denoiser").mkdir(parents=True)
+    (teacher / "denoiser" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (base / "guided-16-steps").mkdir(parents=True)
+    (base / "guided-16-steps" / "model_index.json").write_text("{}")
+    recipe.bind_teacher(base, teacher)
+    recipe.reuse_fold(args, out, recipe.bind_teacher(out, teacher))
+    assert (out / "guided-16-steps" / "model_index.json").is_file()
 
 
 def test_emoji_recipe_ship_student_sets_its_guidance_and_distill_from_replaces_the_teacher(tmp_path):

@@ -253,8 +253,8 @@ def distillation_step(m: StageModels, batch: dict, generator: torch.Generator):
 STAGE_ARGUMENTS = ("teacher", "revision", "teacher_steps", "rounds", "steps_per_round", "guidance_distillation",
                    "guidance_steps", "guidance_learning_rate", "guidance_scale_min", "guidance_scale_max",
                    "caption_dropout", "dataset_name", "train_data_dir", "max_train_samples", "resolution",
-                   "random_flip", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "use_ema",
-                   "ema_decay", "seed", "mixed_precision")
+                   "random_flip", "balance_by", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                   "use_ema", "ema_decay", "seed", "mixed_precision")
 
 
 def check_stage_arguments(args, stage: Stage, work_dir: Path) -> None:

@@ -101,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the student's default guidance (its scheduler's guidance_scale), at which ship-student "
                         "evaluates it; the teacher stays at --guidance_scale. A folded student guides harder than its "
                         "input says: the shipped one scores best at 2, the teacher alike at 2 and 4")
+    p.add_argument("--round_balance_by", default="hexcode", metavar="COLUMN",
+                   help="the halving rounds draw every value of this column equally often (distill.py --balance_by; "
+                        "'none': rows as the data has them). The fold draws rows as the data has them: it kept the "
+                        "teacher's retrieval, and the unbalanced rounds lost the natural prompts' everyday concepts")
     p.add_argument("--eval_seeds", type=int, default=3,
                    help="seeds the student and its teacher are compared over (evaluate.py --num_seeds): one seed's "
                         "96 prompts resolve top-5 retrieval to about +-5 points, three to about +-3")
@@ -260,13 +264,19 @@ def fold_range(args) -> tuple[float, float]:
 
 def distill_dir(args, work: Path, rounds: bool = True) -> Path:
     """The student stage's folder, named by its fold length, guidance range (1 to 8 unnamed, as the first run was)
-    and round length (``ROUND_STEPS`` unnamed): a longer ``--guidance_steps``, another range or ``--distill_steps``
-    is a new run.
-    ``rounds=False``: the folder of the same fold with the default round length."""
+    round length (``ROUND_STEPS`` unnamed) and the rounds' balancing column (none unnamed): a longer
+    ``--guidance_steps``, another range, ``--distill_steps`` or ``--round_balance_by`` is a new run.
+    ``rounds=False``: the folder of the same fold with the default, unbalanced rounds (where the fold is made)."""
     low, high = fold_range(args)
     scales = "" if (low, high) == (1, 8) else f"-s{low:g}" if low == high else f"-s{low:g}-{high:g}"
     length = "" if not rounds or args.distill_steps == ROUND_STEPS else f"-r{args.distill_steps}"
-    return work / f"distilled-fold-{args.guidance_steps}{scales}{length}"
+    balance = f"-by-{args.round_balance_by}" if rounds and round_balance(args) else ""
+    return work / f"distilled-fold-{args.guidance_steps}{scales}{length}{balance}"
+
+
+def round_balance(args) -> str | None:
+    """The column the halving rounds balance (``--round_balance_by``; None for 'none')."""
+    return None if args.round_balance_by.lower() == "none" else args.round_balance_by
 
 
 def recorded_digest(folder: Path) -> str | None:
@@ -283,7 +293,8 @@ def reuse_fold(args, out: Path, digest: str) -> None:
     if (out / fold).exists():
         return
     base = distill_dir(args, out.parent, rounds=False)
-    for source in [base / fold, *sorted(p / fold for p in out.parent.glob(f"{base.name}-r*"))]:
+    others = [*out.parent.glob(f"{base.name}-r*"), *out.parent.glob(f"{base.name}-by-*")]
+    for source in [base / fold, *sorted(p / fold for p in others)]:
         same = recorded_digest(source.parent) == digest
         if source != out / fold and same and (source / "model_index.json").is_file():
             print(f"Reusing the finished fold {source} for {out}", flush=True)
@@ -333,24 +344,36 @@ def distill_rounds(args) -> int:
     return (args.distill_teacher_steps // 4).bit_length() - 1
 
 
+def distill_command(args, teacher: Path, out: Path, rounds: int, balance: str | None) -> list:
+    low, high = fold_range(args)
+    return ["distill.py", "--teacher", teacher, "--teacher_steps", args.distill_teacher_steps, "--rounds", rounds,
+            "--guidance_distillation", "--default_guidance_scale", args.student_guidance_scale,
+            "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", out.parent / "data",
+            "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
+            "--steps_per_round", args.distill_steps, "--train_batch_size", args.distill_batch_size,
+            "--learning_rate", "1e-4", *(["--balance_by", balance] if balance else []),
+            "--use_ema", "--checkpointing_steps", 250, "--output_dir", out, "--seed", args.seed,
+            "--mixed_precision", args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS]
+
+
 def stage_student(args, work: Path, kind: str) -> Path:
-    """Guidance folded into the chosen teacher, then halving rounds from ``--distill_teacher_steps`` to 4 steps."""
-    rounds = distill_rounds(args)
+    """Guidance folded into the chosen teacher, then halving rounds from ``--distill_teacher_steps`` to 4 steps.
+    With ``--round_balance_by`` the fold is made (or found) in the unbalanced folder and copied, and only the
+    rounds draw balanced rows."""
+    rounds, balance = distill_rounds(args), round_balance(args)
     out = distill_dir(args, work)
     student = out / f"round-{rounds}-4-steps"
     teacher = distill_teacher(args, work, kind)
     digest = bind_teacher(out, teacher)
     if not (student / "model_index.json").is_file():
-        low, high = fold_range(args)
         reuse_fold(args, out, digest)
-        run("distill.py", "--teacher", teacher, "--teacher_steps", args.distill_teacher_steps,
-            "--rounds", rounds, "--guidance_distillation", "--default_guidance_scale", args.student_guidance_scale,
-            "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", work / "data",
-            "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
-            "--steps_per_round", args.distill_steps, "--train_batch_size", args.distill_batch_size,
-            "--learning_rate", "1e-4",
-            "--use_ema", "--checkpointing_steps", 250, "--output_dir", out, "--seed", args.seed,
-            "--mixed_precision", args.mixed_precision, "--validation_prompts", *VALIDATION_PROMPTS)
+        fold = f"guided-{args.distill_teacher_steps}-steps"
+        if balance and not (out / fold / "model_index.json").is_file():
+            base = distill_dir(args, work, rounds=False)
+            bind_teacher(base, teacher)
+            run(*distill_command(args, teacher, base, 0, None))  # the fold alone, rows as the data has them
+            reuse_fold(args, out, digest)
+        run(*distill_command(args, teacher, out, rounds, balance))
     return student
 
 # ------------------------------------------------------------------------------------------------ shipping
@@ -643,7 +666,7 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     from ldm.recipes import share_components, ship_pipeline
 
     out, source = distill_dir(args, work), distill_teacher(args, work, kind)
-    bind_teacher(out, source)
+    digest = bind_teacher(out, source)
     scale = args.student_guidance_scale
     student = out / f"round-{distill_rounds(args)}-4-steps"
     report = out / ("eval-student.json" if scale == 4 else f"eval-student-g{scale:g}.json")  # 4: the first ones'
@@ -658,7 +681,11 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     shutil.copy(report.with_name(f"{report.stem}-natural.png"), target / "samples.png")
     ours = json.loads(report.read_text())
     seeds = f"-seeds{args.eval_seeds}" if args.eval_seeds > 1 else ""
-    teacher = evaluate_teacher(args, source, out / f"eval-teacher{seeds}.json", work, args.eval_seeds)
+    teacher_report = out / f"eval-teacher{seeds}.json"
+    made = distill_dir(args, work, rounds=False) / teacher_report.name  # the same teacher's, from its fold's folder
+    if not teacher_report.is_file() and made.is_file() and recorded_digest(made.parent) == digest:
+        shutil.copy(made, teacher_report)
+    teacher = evaluate_teacher(args, source, teacher_report, work, args.eval_seeds)
     rows = "\n".join(student_row(name, r, k) for k in SETS_TEXT
                       for name, r in ((f"student, 4 steps, guidance {scale:g}", ours),
                                       (f"teacher ({kind or source.name}), 50 steps, guidance {args.guidance_scale:g}",
