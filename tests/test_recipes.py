@@ -265,6 +265,32 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_with_every_conce
     assert cmd[cmd.index("--balance_by") + 1] == "group" and cmd[cmd.index("--max_train_steps") + 1] == "1"
 
 
+def test_emoji_recipe_longer_balance_trains_the_finished_run_on_from_its_last_checkpoint(tmp_path):
+    """``--balance_steps`` above a finished run's: the run is trained on in place (its marker goes, so a cut-off run
+    resumes, and its evaluation is kept under its step count); the card says where the schedule restarted. The same
+    length or fewer leaves it alone; a run without its last checkpoint is refused."""
+    import json
+
+    recipe, shipped, saved, args = _shipped_refined_teacher(tmp_path)
+    out, report = tmp_path / "teacher-unet-refine-balanced", tmp_path / "eval-teacher-unet-refine-balanced.json"
+    (out / "checkpoint-2400").mkdir(parents=True)
+    for name, content in (("model_index.json", {}), ("training_args.json", {
+            "max_train_steps": 2400, "pretrained_model_name_or_path": "models/emoji", "balance_by": "hexcode"})):
+        (out / name).write_text(json.dumps(content))
+    report.write_text("{}")
+    assert not recipe.lengthen(out, 2400, report) and not recipe.lengthen(out, 1200, report)
+    assert recipe.balance_note(out).count("restarting warm") == 0
+    assert recipe.lengthen(out, 4800, report)
+    assert not (out / "model_index.json").exists() and not report.exists()
+    assert (tmp_path / "eval-teacher-unet-refine-balanced-2400.json").is_file()
+    assert recipe.lengthen(out, 4800, report)  # cut off before it finished: still to train
+    assert "trained on from its step-2400 checkpoint" in recipe.balance_note(out)
+    (out / "model_index.json").write_text("{}")
+    (out / "training_args.json").write_text(json.dumps({"max_train_steps": 4800}))
+    with pytest.raises(ValueError, match="no checkpoint-4800 to go on to 7200 from: move that folder aside"):
+        recipe.lengthen(out, 7200, report)
+
+
 def test_emoji_recipe_balanced_row_adds_to_the_row_it_started_from(tmp_path):
     """The balanced teacher's row adds its own stage time to the row it started from: a work folder's, or the one a
     shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record ships the balanced teacher or

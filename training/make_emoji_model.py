@@ -77,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "refined one is gone")
     p.add_argument("--balance_steps", type=int, default=2400,
                    help="steps of the balance-teacher stage (the refine recipe again, from the refined teacher, "
-                        "drawing --balance_by equally often); 0: the refined teacher ships")
+                        "drawing --balance_by equally often); 0: the refined teacher ships. More than a finished "
+                        "run's: it trains on from its last checkpoint")
     p.add_argument("--balance_by", default="hexcode", metavar="COLUMN",
                    help="the data column the balance-teacher stage draws every value of equally often (hexcode: "
                         "each concept, however many renders it has; people are 59 %% of the renders, 20 %% of the "
@@ -224,9 +225,33 @@ def stage_refine_teacher(args, work: Path, kind: str, balance: bool = False) -> 
         return
     out = shipped_teacher(args, work, kind) if balance else refined_teacher(args, work, kind)
     start = balance_start(args, work, kind) if balance else Path(args.refine_from or long_teacher(args, work, kind))
-    if not (out / "model_index.json").is_file():
+    report = work / f"eval-{out.name}.json"
+    if lengthen(out, args.balance_steps if balance else args.refine_steps, report):
         run(*refine_command(args, work, start, out, balance))
-    evaluate_teacher(args, out, work / f"eval-{out.name}.json")
+    evaluate_teacher(args, out, report)
+
+
+def lengthen(out: Path, steps: int, report: Path) -> bool:
+    """Whether the run in ``out`` needs training to reach ``steps``. A finished run with fewer steps is trained on in
+    place from its last checkpoint, whose weights are its own final ones (the cosine schedule restarts warm at the
+    factor the longer schedule has there, as continue-teacher's does): its pipeline marker goes, so a cut-off run
+    resumes rather than ships; its evaluation is kept as ``eval-...-STEPS.json`` and ``legs.json`` lists the steps
+    each lengthening started from."""
+    if not (out / "model_index.json").is_file():
+        return True
+    done = json.loads((out / "training_args.json").read_text())["max_train_steps"]
+    if done >= steps:
+        return False
+    if not (out / f"checkpoint-{done}").is_dir():
+        raise ValueError(f"{out} trained {done} steps and has no checkpoint-{done} to go on to {steps} from: move "
+                         "that folder aside to train it from the start.")
+    print(f"{out}: {done} steps done, training on to {steps}", flush=True)
+    legs = json.loads((out / "legs.json").read_text()) if (out / "legs.json").is_file() else []
+    (out / "legs.json").write_text(json.dumps([*legs, done]))  # the card says where the schedule restarted
+    if report.is_file():
+        report.rename(report.with_name(f"{report.stem}-{done}.json"))
+    (out / "model_index.json").unlink()
+    return True
 
 
 def scoring_clip(args, work: Path) -> Path:
@@ -572,8 +597,10 @@ def balance_note(shipped: Path) -> str:
     if not shipped.name.endswith("-balanced"):
         return ""
     trained = json.loads((shipped / "training_args.json").read_text())
+    legs = json.loads((shipped / "legs.json").read_text()) if (shipped / "legs.json").is_file() else []
+    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)" for n in legs)
     return f"""
-Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps from
+Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps{restart} from
 `{trained["pretrained_model_name_or_path"]}` (the row above), drawing every value of the data's
 `{trained["balance_by"]}` column equally often (`--balance_steps`, `--balance_by`; with replacement, seeded per
 epoch): with `hexcode` each concept as often as any other, however many renders (styles, skin tones) it has; people
