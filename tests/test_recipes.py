@@ -133,7 +133,8 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
 def test_emoji_recipe_balanced_rounds_start_from_the_unbalanced_fold(tmp_path):
     """By default the halving rounds draw every concept equally often (``--round_balance_by hexcode``) in their own
     folder, ``distilled-fold-4800-by-hexcode``; the fold is made without balancing in ``distilled-fold-4800`` (the
-    folder of the unbalanced rounds) and copied from there, so both students share one fold."""
+    folder of the unbalanced rounds) and copied from there, so both students share one fold (and the teacher's
+    evaluation made there)."""
     from pathlib import Path
 
     from conftest import load_script
@@ -160,8 +161,11 @@ def test_emoji_recipe_balanced_rounds_start_from_the_unbalanced_fold(tmp_path):
     (base / "guided-16-steps").mkdir(parents=True)
     (base / "guided-16-steps" / "model_index.json").write_text("{}")
     recipe.bind_teacher(base, teacher)
-    recipe.reuse_fold(args, out, recipe.bind_teacher(out, teacher))
+    digest = recipe.bind_teacher(out, teacher)
+    recipe.reuse_fold(args, out, digest)
     assert (out / "guided-16-steps" / "model_index.json").is_file()
+    (base / "eval-teacher-seeds3.json").write_text('{"train": {"top5": 0.8}}')  # made beside the fold: reused
+    assert recipe.teacher_report(args, tmp_path, out, teacher, digest) == {"train": {"top5": 0.8}}
 
 
 def test_emoji_recipe_ship_student_sets_its_guidance_and_distill_from_replaces_the_teacher(tmp_path):

@@ -370,6 +370,7 @@ def distill_rounds(args) -> int:
 
 
 def distill_command(args, teacher: Path, out: Path, rounds: int, balance: str | None) -> list:
+    """``distill.py`` for the fold and ``rounds`` halving rounds into ``out``, drawing ``balance`` equally often."""
     low, high = fold_range(args)
     return ["distill.py", "--teacher", teacher, "--teacher_steps", args.distill_teacher_steps, "--rounds", rounds,
             "--guidance_distillation", "--default_guidance_scale", args.student_guidance_scale,
@@ -687,6 +688,17 @@ def set_student_guidance(folder: Path, scale: float) -> float:
     return trained
 
 
+def teacher_report(args, work: Path, out: Path, source: Path, digest: str) -> dict:
+    """The teacher's evaluation over ``--eval_seeds`` in the student folder ``out``: copied from the folder its fold
+    was made in (the unbalanced rounds' one) when that folder distils the same teacher (``digest``), else run."""
+    seeds = f"-seeds{args.eval_seeds}" if args.eval_seeds > 1 else ""
+    report = out / f"eval-teacher{seeds}.json"
+    made = distill_dir(args, work, rounds=False) / report.name
+    if not report.is_file() and made.is_file() and recorded_digest(made.parent) == digest:
+        shutil.copy(made, report)
+    return evaluate_teacher(args, source, report, work, args.eval_seeds)
+
+
 def stage_ship_student(args, work: Path, kind: str) -> None:
     """The 4-step student on the emoji suite, shipped as ``models/emoji-student`` (float16 storage) with its card
     (distill.py's, licensed as its data requires, plus the student-vs-teacher table)."""
@@ -707,16 +719,13 @@ def stage_ship_student(args, work: Path, kind: str) -> None:
     shared = share_components(target, Path(args.output_dir) / "emoji")
     shutil.copy(report.with_name(f"{report.stem}-natural.png"), target / "samples.png")
     ours = json.loads(report.read_text())
-    seeds = f"-seeds{args.eval_seeds}" if args.eval_seeds > 1 else ""
-    teacher_report = out / f"eval-teacher{seeds}.json"
-    made = distill_dir(args, work, rounds=False) / teacher_report.name  # the same teacher's, from its fold's folder
-    if not teacher_report.is_file() and made.is_file() and recorded_digest(made.parent) == digest:
-        shutil.copy(made, teacher_report)
-    teacher = evaluate_teacher(args, source, teacher_report, work, args.eval_seeds)
+    teacher = teacher_report(args, work, out, source, digest)
     rows = "\n".join(student_row(name, r, k) for k in SETS_TEXT
                       for name, r in ((f"student, 4 steps, guidance {scale:g}", ours),
                                       (f"teacher ({kind or source.name}), 50 steps, guidance {args.guidance_scale:g}",
                                        teacher)))
+    balance = round_balance(args)
+    draws = f"the halving rounds drew every `{balance}` equally often" if balance else "so did the halving rounds"
     card = (target / "README.md").read_text().replace("license: apache-2.0", "license: cc-by-4.0").replace(
         f"(default {trained_scale})", f"(default {scale:g}; distilled with default {trained_scale:g})").replace(
         '"a red circle on a blue background"', '"a red fox"')
@@ -740,6 +749,8 @@ gives:
 ## Data and licences
 
 {LICENCE_NOTE}
+
+The guidance fold drew the training rows as the data has them; {draws} (`--round_balance_by`).
 
 Reproduce: `python training/make_emoji_model.py` (the teacher is `models/emoji`).
 
