@@ -750,7 +750,8 @@ gives:
 
 {LICENCE_NOTE}
 
-The guidance fold drew the training rows as the data has them; {draws} (`--round_balance_by`).
+The guidance fold drew the training rows as the data has them; {draws}
+(`--round_balance_by`).
 
 Reproduce: `python training/make_emoji_model.py` (the teacher is `models/emoji`).
 
