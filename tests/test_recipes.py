@@ -13,6 +13,12 @@ from ldm.tiny import tiny_pipeline
 from pipelines import LatentPipeline
 
 
+def _flags(cmd) -> dict:
+    """A recipe command's ``--flag value`` pairs, as strings."""
+    cmd = [str(c) for c in cmd]
+    return {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("--")}
+
+
 def sample(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
@@ -147,11 +153,8 @@ def test_emoji_recipe_balanced_rounds_start_from_the_unbalanced_fold(tmp_path):
         "distilled-fold-4800-r800-by-hexcode"
     assert recipe.distill_dir(recipe.parse_args(["--round_balance_by", "None"]), tmp_path) == base
 
-    def flags(rounds, balance):
-        cmd = [str(c) for c in recipe.distill_command(args, Path("models/emoji"), out, rounds, balance)]
-        return {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("--")}
-
-    fold, rounds = flags(0, None), flags(2, recipe.round_balance(args))
+    fold = _flags(recipe.distill_command(args, Path("models/emoji"), out, 0, None))
+    rounds = _flags(recipe.distill_command(args, Path("models/emoji"), out, 2, recipe.round_balance(args)))
     assert fold["--rounds"] == "0" and "--balance_by" not in fold
     assert (rounds["--rounds"], rounds["--balance_by"]) == ("2", "hexcode")
     assert rounds["--train_data_dir"] == str(tmp_path / "data")
@@ -208,8 +211,7 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     args = recipe.parse_args(["--balance_steps", "0"])  # the refined teacher ships
     assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine"
     assert recipe.long_teacher(args, tmp_path, "unet").name == "teacher-unet-long"
-    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, Path("models/emoji"), tmp_path / "out")]
-    flag = {cmd[i]: cmd[i + 1] for i in range(1, len(cmd) - 1) if cmd[i].startswith("--")}
+    flag = _flags(recipe.refine_command(args, tmp_path, Path("models/emoji"), tmp_path / "out"))
     assert flag["--pretrained_model_name_or_path"] == "models/emoji" and "--denoiser" not in flag
     assert (flag["--weighting_scheme"], flag["--logit_mean"], flag["--max_train_steps"]) == \
         ("logit_normal", "0", "2400") and "--balance_by" not in flag

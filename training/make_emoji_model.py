@@ -246,12 +246,17 @@ def lengthen(out: Path, steps: int, report: Path) -> bool:
         raise ValueError(f"{out} trained {done} steps and has no checkpoint-{done} to go on to {steps} from: move "
                          "that folder aside to train it from the start.")
     print(f"{out}: {done} steps done, training on to {steps}", flush=True)
-    legs = json.loads((out / "legs.json").read_text()) if (out / "legs.json").is_file() else []
-    (out / "legs.json").write_text(json.dumps([*legs, done]))  # the card says where the schedule restarted
+    (out / "legs.json").write_text(json.dumps([*recorded_legs(out), done]))  # the card says where it restarted
     if report.is_file():
         report.rename(report.with_name(f"{report.stem}-{done}.json"))
     (out / "model_index.json").unlink()
     return True
+
+
+def recorded_legs(folder: Path) -> list[int]:
+    """The steps each :func:`lengthen` of the run in ``folder`` started from (none for a run trained in one go)."""
+    record = folder / "legs.json"
+    return json.loads(record.read_text()) if record.is_file() else []
 
 
 def scoring_clip(args, work: Path) -> Path:
@@ -598,8 +603,8 @@ def balance_note(shipped: Path) -> str:
     if not shipped.name.endswith("-balanced"):
         return ""
     trained = json.loads((shipped / "training_args.json").read_text())
-    legs = json.loads((shipped / "legs.json").read_text()) if (shipped / "legs.json").is_file() else []
-    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)" for n in legs)
+    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)"
+                      for n in recorded_legs(shipped))
     return f"""
 Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps{restart} from
 `{trained["pretrained_model_name_or_path"]}` (the row above), drawing every value of the data's
