@@ -4,6 +4,7 @@ stores its teacher's identical components once."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +63,6 @@ def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_bf16(caplog):
     an AVX2-only CPU bf16 autocast is emulated and about 12x slower than float32. The check agrees with the CPU's
     own flags, and asking for bf16 on such a CPU warns."""
     import logging
-    from pathlib import Path
 
     from ldm.distributed import cpu_has_native_bf16, resolve_mixed_precision, warn_if_emulated_bf16
 
@@ -86,7 +86,6 @@ def test_emoji_recipe_student_flags_name_the_run_and_check_the_range(tmp_path):
     the wrong run, and a run that only changes the round length starts from the finished fold of the same teacher;
     a folder records its teacher and refuses another;
     a range that does not hold the sampling scale is refused."""
-    from pathlib import Path
 
     from conftest import load_script
 
@@ -141,7 +140,6 @@ def test_emoji_recipe_balanced_rounds_start_from_the_unbalanced_fold(tmp_path):
     folder, ``distilled-fold-4800-by-hexcode``; the fold is made without balancing in ``distilled-fold-4800`` (the
     folder of the unbalanced rounds) and copied from there, so both students share one fold (and the teacher's
     evaluation made there)."""
-    from pathlib import Path
 
     from conftest import load_script
 
@@ -175,7 +173,6 @@ def test_emoji_recipe_ship_student_sets_its_guidance_and_distill_from_replaces_t
     """Shipping sets the student's default guidance (its scheduler's) and returns the one it was distilled with;
     ``--distill_from`` replaces the work folder's teacher; without it, and without the teacher choice, the stage says
     what to run."""
-    from pathlib import Path
 
     from conftest import load_script
     from ldm import ProgressiveDistillationScheduler
@@ -200,7 +197,6 @@ def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_
     ``teachers.json``), and a refined row counts the steps, FLOPs and minutes of the run it started from. Without the
     teacher choice, the kind comes from the ``--refine_from`` pipeline's denoiser."""
     import json
-    from pathlib import Path
 
     from conftest import load_script
     from ldm.flops import denoiser_training_flops
@@ -239,7 +235,6 @@ def _shipped_refined_teacher(tmp_path):
     """The recipe module, a shipped folder whose ``teachers.json`` ships ``unet-refine`` (each row naming the row it
     was made from), its rows, and the recipe's arguments refining from it."""
     import json
-    from pathlib import Path
 
     from conftest import load_script
 
@@ -290,6 +285,8 @@ def test_emoji_recipe_longer_balance_trains_the_finished_run_on_from_its_last_ch
     assert not (out / "model_index.json").exists() and not report.exists()
     assert (tmp_path / "eval-teacher-unet-refine-balanced-2400.json").is_file()
     assert recipe.lengthen(out, 4800, report)  # cut off before it finished: still to train
+    assert recipe.recorded_start(out, tmp_path / "teacher-unet-refine") == Path("models/emoji")  # what it began from
+    assert recipe.recorded_start(tmp_path / "new", shipped) == shipped
     assert "trained on from its step-2400 checkpoint" in recipe.balance_note(out)
     (out / "model_index.json").write_text("{}")
     (out / "training_args.json").write_text(json.dumps({"max_train_steps": 4800}))

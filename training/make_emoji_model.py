@@ -227,7 +227,7 @@ def stage_refine_teacher(args, work: Path, kind: str, balance: bool = False) -> 
     start = balance_start(args, work, kind) if balance else Path(args.refine_from or long_teacher(args, work, kind))
     report = work / f"eval-{out.name}.json"
     if lengthen(out, args.balance_steps if balance else args.refine_steps, report):
-        run(*refine_command(args, work, start, out, balance))
+        run(*refine_command(args, work, recorded_start(out, start), out, balance))
     evaluate_teacher(args, out, report)
 
 
@@ -251,6 +251,13 @@ def lengthen(out: Path, steps: int, report: Path) -> bool:
         report.rename(report.with_name(f"{report.stem}-{done}.json"))
     (out / "model_index.json").unlink()
     return True
+
+
+def recorded_start(folder: Path, start: Path) -> Path:
+    """The pipeline the run in ``folder`` was started from, else ``start``: a resumed or lengthened run goes on from
+    its checkpoint, so its ``training_args.json`` (and the card) keeps naming the weights it really began with."""
+    record = folder / "training_args.json"
+    return Path(json.loads(record.read_text())["pretrained_model_name_or_path"]) if record.is_file() else start
 
 
 def recorded_legs(folder: Path) -> list[int]:
