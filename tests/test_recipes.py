@@ -289,7 +289,9 @@ def test_emoji_recipe_longer_balance_trains_the_finished_run_on_from_its_last_ch
     assert recipe.recorded_start(tmp_path / "new", shipped) == shipped
     assert "trained on from its step-2400 checkpoint" in recipe.balance_note(out)
     (out / "model_index.json").write_text("{}")
-    (out / "training_args.json").write_text(json.dumps({"max_train_steps": 4800}))
+    (out / "training_args.json").write_text(json.dumps({
+        "max_train_steps": 4800, "pretrained_model_name_or_path": "models/emoji", "balance_by": "hexcode"}))
+    assert "(`--balance_steps 2400`, then `--balance_steps 4800`, `--balance_by`" in recipe.balance_note(out)
     with pytest.raises(ValueError, match="no checkpoint-4800 to go on to 7200 from: move that folder aside"):
         recipe.lengthen(out, 7200, report)
 

@@ -609,13 +609,13 @@ def balance_note(shipped: Path) -> str:
     """The card's account of the balance-teacher stage, naming the pipeline it started from."""
     if not shipped.name.endswith("-balanced"):
         return ""
-    trained = json.loads((shipped / "training_args.json").read_text())
-    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)"
-                      for n in recorded_legs(shipped))
+    trained, legs = json.loads((shipped / "training_args.json").read_text()), recorded_legs(shipped)
+    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)" for n in legs)
+    runs = ", then ".join(f"`--balance_steps {n}`" for n in (*legs, trained["max_train_steps"]))
     return f"""
 Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps{restart} from
 `{trained["pretrained_model_name_or_path"]}` (the row above), drawing every value of the data's
-`{trained["balance_by"]}` column equally often (`--balance_steps`, `--balance_by`; with replacement, seeded per
+`{trained["balance_by"]}` column equally often ({runs}, `--balance_by`; with replacement, seeded per
 epoch): with `hexcode` each concept as often as any other, however many renders (styles, skin tones) it has; people
 are 59 % of the renders but 20 % of the concepts."""
 
