@@ -56,15 +56,19 @@ def ship_pipeline(source: Path, target: Path, trailing_ddim: bool, half=("denois
     ship_card(source, target)
 
 
+WRITER_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "_diffusers_version")
+
+
 def _same_file(a: Path, b: Path) -> bool:
-    """Byte-identical, or (a config) equal but for the path it was loaded from."""
+    """Byte-identical, or (a config) equal but for the path it was loaded from and the library version that wrote
+    it (the same weights saved by transformers 5.24 and 5.25 are the same component)."""
     import filecmp
     import json
 
     if a.suffix == ".json":
         x, y = json.loads(a.read_text()), json.loads(b.read_text())
         if isinstance(x, dict) and isinstance(y, dict):
-            x, y = ({k: v for k, v in d.items() if k not in ("_name_or_path", "name_or_path")} for d in (x, y))
+            x, y = ({k: v for k, v in d.items() if k not in WRITER_KEYS} for d in (x, y))
         return x == y
     return filecmp.cmp(a, b, shallow=False)
 

@@ -51,6 +51,23 @@ def test_student_shares_its_teachers_identical_components_and_still_loads(tmp_pa
     assert card.startswith("# emoji-student") and f'from_pretrained("{folder}")' in card
 
 
+def test_share_components_ignores_the_writing_library_version_but_not_the_config(tmp_path):
+    """A student saved by a newer transformers or diffusers still shares its teacher's identical weights; a config
+    that differs in anything else keeps its own folder."""
+    import json
+
+    pipe = tiny_pipeline("unet", seed=0)
+    for name in ("emoji", "emoji-student"):
+        pipe.save_pretrained(tmp_path / name)
+    for component, key in (("text_encoder", "transformers_version"), ("vae", "_diffusers_version")):
+        config = tmp_path / "emoji-student" / component / "config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), key: "99.0.0"}))
+    config = tmp_path / "emoji-student" / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_train_timesteps": 999}))
+    shared = share_components(tmp_path / "emoji-student", tmp_path / "emoji")
+    assert "text_encoder" in shared and "vae" in shared and "scheduler" not in shared
+
+
 def test_share_components_refuses_folders_that_are_not_siblings(tmp_path):
     (tmp_path / "a" / "x").mkdir(parents=True)
     (tmp_path / "b" / "c" / "y").mkdir(parents=True)
