@@ -116,7 +116,8 @@ def main() -> None:
              "|---|---|---|---|---|"]
     for name in ("ldm_unet", "ldm_dit", "diffusers_unet", "pixart"):
         fp32, bf16 = speeds[f"{name}_fp32"], speeds[f"{name}_bf16"]
-        lines.append(f"| {name} | {fp32} | {100 * fp32 / fp32_peak:.0f} % | {bf16} | {100 * bf16 / peaks['bf16']:.0f} % |")
+        lines.append(f"| {name} | {fp32} | {100 * fp32 / fp32_peak:.0f} % | {bf16} | "
+                     f"{100 * bf16 / peaks['bf16']:.0f} % |")
     ours = {"unet": speeds["ldm_unet_fp32"] / speeds["diffusers_unet_fp32"],
             "dit": speeds["ldm_dit_fp32"] / speeds["pixart_fp32"]}
     ratios = training_ratio(args.quick, reps)

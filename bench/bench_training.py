@@ -379,7 +379,8 @@ def table(res: dict) -> str:
     ca = res.get("caching")
     if ca:
         d = ca["denoiser"]
-        lines += [f"training throughput at {ca['pixels']} px: the library step (ldm.training_step), batch {ca['batch']}, fp32 AdamW, "
+        lines += [f"training throughput at {ca['pixels']} px: the library step (ldm.training_step), "
+                  f"batch {ca['batch']}, fp32 AdamW, "
                   f"{ca['images']} PNGs ({ca['png_kb_per_image']:.0f} KB each), random_flip={ca['random_flip']}, "
                   f"{len(next(iter(ca['settings'].values()))['cached']['runs_s'])} interleaved rounds",
                   f"denoiser: ldm UNetModel {tuple(d['config']['block_out_channels'])}, head_dim "

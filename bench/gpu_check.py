@@ -73,7 +73,8 @@ def run_train(args, device, peak: float) -> dict:
 
     latent, width = (8, 64) if args.smoke else (32, 768)
     batch = 2 if args.smoke else 32
-    dit_cfg = dict(dit_size_config("dit-b/2"), **(dict(depth=2, hidden_size=64, num_attention_heads=2) if args.smoke else {}))
+    smoke_dit = dict(depth=2, hidden_size=64, num_attention_heads=2) if args.smoke else {}
+    dit_cfg = dict(dit_size_config("dit-b/2"), **smoke_dit)
     unet_cfg = unet_size_config("unet-b") if not args.smoke else dict(block_out_channels=(32, 64),
                                                                       attention_levels=(False, True),
                                                                       layers_per_block=1, attention_head_dim=16)

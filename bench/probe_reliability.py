@@ -129,7 +129,8 @@ def thread_probe(pipe, threads: int = 4, calls: int = 64) -> Counter:
     def call(s):
         p = pipes[s["scheduler"]]
         return p("a red fox", height=32, width=32, output_type="np", guidance_scale=s["guidance_scale"],
-                 num_inference_steps=s["num_inference_steps"], generator=torch.Generator().manual_seed(s["seed"])).images
+                 num_inference_steps=s["num_inference_steps"],
+                 generator=torch.Generator().manual_seed(s["seed"])).images
 
     alone = [call(s) for s in settings]
     counts = Counter()

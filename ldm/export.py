@@ -9,9 +9,9 @@ custom-component loader expects it: ``pipeline_latent.py`` (+ the ``guidance.py`
 root, ``denoiser/ldm_unet.py`` or ``denoiser/ldm_dit.py`` (+ ``common.py``, ``guidance.py``), and for distilled
 students ``scheduler/ldm_progressive_distillation.py`` (+ ``losses.py``, ``noise_schedules.py``); ``model_index.json``
 points at them (``["pipeline_latent", "LatentPipeline"]``, ``["ldm_unet", "UNetModel"]``, ...; the ``ldm_`` prefix
-keeps clear of diffusers' own module names such as ``dit``, which diffusers would resolve first). Imports between the copied files
-become same-folder relative imports, the only kind diffusers copies along. Loading it runs that code, which is why
-diffusers asks for ``trust_remote_code=True``: use it for a model whose source you trust, and
+keeps clear of diffusers' own module names such as ``dit``, which diffusers would resolve first). Imports between the
+copied files become same-folder relative imports, the only kind diffusers copies along. Loading it runs that code,
+which is why diffusers asks for ``trust_remote_code=True``: use it for a model whose source you trust, and
 ``LatentPipeline.from_pretrained`` (no code from the folder runs) when ldm is installed.
 """
 

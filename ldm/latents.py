@@ -39,8 +39,8 @@ def encode_posterior(vae, pixels: torch.Tensor) -> torch.Tensor:
 def sample_posterior(params: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Posterior parameters (B, 2C, h, w) = [mean, logvar] -> unscaled latents z (B, C, h, w) in float32.
 
-    ``mode="mean"`` returns the mean; ``"posterior"`` draws mean + std * eps with ``generator`` (on its device), the same draw
-    whether the parameters come from a latent cache or from the VAE on the fly.
+    ``mode="mean"`` returns the mean; ``"posterior"`` draws mean + std * eps with ``generator`` (on its device), the
+    same draw whether the parameters come from a latent cache or from the VAE on the fly.
     """
     mean, logvar = params.float().chunk(2, dim=1)
     if mode == "mean":

@@ -62,7 +62,7 @@ def caption_corpus(n: int = 3000, seed: int = 0) -> list[str]:
 
 def _bytes_to_unicode() -> list[str]:
     """The 256 printable stand-ins for bytes of GPT-2/CLIP byte-level BPE, in CLIP's order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     extra = 0
     for b in range(256):

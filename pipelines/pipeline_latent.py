@@ -376,8 +376,8 @@ class LatentPipeline(DiffusionPipeline):
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass a `prompt` (str or list of str) or `prompt_embeds`.")
         if prompt is not None:
-            if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in
-                                                                      ([prompt] if isinstance(prompt, str) else prompt)):
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in prompts):
                 raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
             if not isinstance(prompt, str) and len(prompt) == 0:
                 raise ValueError("`prompt` is an empty list; pass at least one prompt.")

@@ -46,7 +46,8 @@ def trained(tmp_path_factory):
         "--train_data_dir", str(root / "data"), "--output_dir", str(root / "clip"), "--resolution", "32",
         "--patch_size", "8", "--text_width", "32", "--text_layers", "1", "--vision_width", "32",
         "--vision_layers", "1", "--heads", "2", "--projection_dim", "32", "--num_merges", "40",
-        "--train_batch_size", "8", "--max_train_steps", "300", "--max_shift", "2", "--learning_rate", "3e-3", "--lr_warmup_steps", "5",
+        "--train_batch_size", "8", "--max_train_steps", "300", "--max_shift", "2", "--learning_rate", "3e-3",
+        "--lr_warmup_steps", "5",
         "--checkpointing_steps", "150", "--report_to", "tensorboard", "--cache_dir", str(root / "hf"),
     ])
     script.main(args)

@@ -129,4 +129,5 @@ def test_a_tampered_or_truncated_tarball_is_refused(fixture, tmp_path):
         emoji.check_integrity(truncated, fixture["integrity"]["emojibase"])
     with pytest.raises(OSError, match="truncated or tampered"):  # the pinned integrity of the real package
         emoji.main(["--out", str(tmp_path / "x"), f"--tarball=emojibase={good}",
-                    f"--tarball=google={fixture['paths']['google']}", f"--tarball=twitter={fixture['paths']['twitter']}"])
+                    f"--tarball=google={fixture['paths']['google']}",
+                    f"--tarball=twitter={fixture['paths']['twitter']}"])

@@ -86,7 +86,8 @@ def test_encode_prompt_works_in_isolation(kind):
     """As diffusers' test does: a pipeline of only the text encoder + tokenizer encodes, a pipeline of the other
     components samples from its outputs (passed by the names encode_prompt returns), equal to the full pipeline."""
     components = tiny_components(kind)
-    text_only = LatentPipeline(**{k: (v if k in ("text_encoder", "tokenizer") else None) for k, v in components.items()})
+    text_only = LatentPipeline(**{k: (v if k in ("text_encoder", "tokenizer") else None)
+                                  for k, v in components.items()})
     names = _return_names(LatentPipeline.encode_prompt)
     assert set(names) <= set(inspect.signature(LatentPipeline.__call__).parameters)
     with torch.no_grad():

@@ -208,7 +208,8 @@ NAN = float("nan")
     (dict(timesteps=[500, -10]), "in \\[0, 999\\]"),
     (dict(negative_prompt=123), "`negative_prompt` must be a str or a list of str, got int"),
     (dict(negative_prompt=["blurry", 7]), "`negative_prompt` must be a str or a list of str"),
-    (dict(prompt=None, prompt_embeds=torch.zeros(77, 32)), "`prompt_embeds` must be a \\(batch, tokens, width\\) tensor"),
+    (dict(prompt=None, prompt_embeds=torch.zeros(77, 32)),
+     "`prompt_embeds` must be a \\(batch, tokens, width\\) tensor"),
     (dict(prompt=None, prompt_embeds=torch.zeros(1, 77, 32), negative_prompt_embeds=[1.0]),
      "`negative_prompt_embeds` must be a torch.Tensor, got list"),
 ])
@@ -278,7 +279,8 @@ def test_a_diffusers_unet_works_as_the_denoiser():
 
 @pytest.mark.parametrize("index, message", [
     ([["diffusers", "AutoencoderKL"]], "holds a list, not an object of components"),
-    ({"scheduler": ["diffusers", "AutoencoderKL"]}, "the scheduler entry names AutoencoderKL, which is not a scheduler"),
+    ({"scheduler": ["diffusers", "AutoencoderKL"]},
+     "the scheduler entry names AutoencoderKL, which is not a scheduler"),
     ({"vae": "diffusers"}, "component 'vae' is 'diffusers'; each must be \\[library, class name\\]"),
 ])
 def test_a_malformed_model_index_is_a_clear_error(saved_pipes, tmp_path, index, message):

@@ -53,8 +53,8 @@ class Package:
 
 
 PACKAGES = {
-    "google": Package("emoji-datasource-google", "16.0.0", "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88"
-                      "CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),
+    "google": Package("emoji-datasource-google", "16.0.0", "sha512-ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3"
+                      "l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),
     "twitter": Package("emoji-datasource-twitter", "16.0.0", "sha512-7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTz"
                        "a6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="),
     "emojibase": Package("emojibase-data", "17.0.0", "sha512-Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882L"

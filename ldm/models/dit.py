@@ -250,5 +250,6 @@ class DiTModel(DenoiserMixin, ModelMixin, AttentionMixin, ConfigMixin, PeftAdapt
 
     @classmethod
     def from_size(cls, name: str, **kwargs) -> "DiTModel":
-        """Build a randomly initialised DiT of a registry size, e.g. ``DiTModel.from_size("DiT-B/2", cross_attention_dim=768)``."""
+        """Build a randomly initialised DiT of a registry size, e.g.
+        ``DiTModel.from_size("DiT-B/2", cross_attention_dim=768)``."""
         return cls(**{**dit_size_config(name), **kwargs})

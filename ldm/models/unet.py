@@ -46,7 +46,8 @@ def unet_size_config(name: str) -> dict:
     """'unet-s' / 'UNet-B' / 'l' -> the registry's config entries."""
     key = name.strip().lower().removeprefix("unet-").upper()
     if key not in UNET_SIZES:
-        raise ValueError(f"Unknown U-Net size {name!r}; choose one of {', '.join(f'unet-{k.lower()}' for k in UNET_SIZES)}.")
+        sizes = ", ".join(f"unet-{k.lower()}" for k in UNET_SIZES)
+        raise ValueError(f"Unknown U-Net size {name!r}; choose one of {sizes}.")
     return dict(UNET_SIZES[key])
 
 
@@ -92,7 +93,8 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """(B, C, H, W) -> (B, C, H, W): GroupNorm, project to tokens, ``depth`` TransformerBlocks, zero-init projection back."""
+    """(B, C, H, W) -> (B, C, H, W): GroupNorm, project to tokens, ``depth`` TransformerBlocks, zero-init projection
+    back."""
 
     def __init__(self, channels: int, head_dim: int, context_dim: int, depth: int, groups: int, dropout: float):
         super().__init__()
