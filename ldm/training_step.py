@@ -3,8 +3,9 @@
     batch --BatchEncoder--> x0 (B, C, h, w) in the denoiser's latent space, text tokens (B, L, D), mask (B, L)
                             (frozen VAE + text encoder on the fly, or a latent cache; ``ldm.latents``)
     eps ~ N(0, I) (+ noise offset), t ~ U{0, ..., T - 1} or a density, captions dropped with probability p
-    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps                                     (``ldm.noise_schedules``)
-      or x_s = (1 - s) x0 + s eps, t = 1000 s                                  (``ldm.flow_matching``)
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) (eps + gamma xi)                        (``ldm.noise_schedules``)
+      or x_s = (1 - s) x0 + s (eps + gamma xi), t = 1000 s                     (``ldm.flow_matching``)
+      (gamma: input perturbation, 0 by default; xi ~ N(0, I); the target keeps eps)
     loss = w(t) |denoiser(x_t, t, text) - target(eps | x0 | v | eps - x0)|^2 (+ lambda L_vlb)   (``ldm.losses``)
 
 Every random draw comes from the step's ``generator`` (on its device: the accelerator's, so nothing is drawn on the
@@ -41,6 +42,7 @@ class Objective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    input_perturbation: float = 0.0  # gamma: x_t is built from eps + gamma xi, the target from eps (Ning et al. 2023)
 
     def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """u (n,) in [0, 1] from the weighting scheme's density (``ldm.flow_matching.sample_levels``)."""
@@ -120,6 +122,15 @@ def draw_noise(shape: torch.Size, noise_offset: float, generator: torch.Generato
     return noise
 
 
+def perturb_input(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """The noise x_t is built from: ``noise`` + gamma xi, xi ~ N(0, I) (input perturbation, DDPM-IP: the denoiser
+    meets inputs a little off the forward process, as its own samples are, while its target stays ``noise``; the
+    ``--input_perturbation`` of diffusers' training scripts). gamma = 0: ``noise`` itself and no draw."""
+    if not gamma:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=generator, device=generator.device).to(noise.device)
+
+
 def add_training_noise(objective: Objective, latents: torch.Tensor, noise: torch.Tensor,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t (B, C, h, w) and the denoiser's time input (B,): DDPM's integer t (uniform: one ``randint``, else
@@ -142,7 +153,8 @@ def diffusion_step(denoiser, encoder: BatchEncoder, objective: Objective, batch:
     """The loss of one micro-batch (backward, clipping and the optimizer are ``ldm.train_loop``'s)."""
     latents, embeds, mask = encoder(batch, generator)  # x0 (B, C, h, w), (B, L, D), (B, L)
     noise = draw_noise(latents.shape, objective.noise_offset, generator).to(latents.device)
-    noisy, timesteps = add_training_noise(objective, latents, noise, generator)  # x_t, t (B,)
+    noisy, timesteps = add_training_noise(objective, latents, perturb_input(noise, objective.input_perturbation,
+                                                                            generator), generator)  # x_t, t (B,)
     embeds, mask = drop_captions(embeds, mask, encoder.empty_embeds, encoder.empty_mask, objective.caption_dropout,
                                  generator)
     output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample

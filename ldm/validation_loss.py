@@ -40,9 +40,10 @@ def held_out_batches(data_args, num_samples: int, batch_size: int) -> list[dict]
 @torch.no_grad()
 def validation_loss(denoiser, encoder, objective, batches: list[dict], seed: int = 0, buckets: int = 4) -> dict:
     """{"val_loss": mean, "val_loss/t<lo>-<hi>": mean per noise-level band} over ``batches`` (module docstring)."""
-    # one scale for every weighting of an objective: plain MSE at uniform levels, no offset noise or caption dropout
+    # one scale for every weighting of an objective: plain MSE at uniform levels, no offset noise, input perturbation
+    # or caption dropout
     objective = dataclasses.replace(objective, caption_dropout=0.0, snr_gamma=None, weighting_scheme="uniform",
-                                    noise_offset=0.0)
+                                    noise_offset=0.0, input_perturbation=0.0)
     was_training = denoiser.training
     denoiser.eval()
     losses, levels = [], []
@@ -90,5 +91,6 @@ class ValidationLoss:
             # a resumed run recomputes the steps after its checkpoint: their old lines go
             old = self.log_file.read_text().splitlines() if self.log_file.is_file() else []
             kept = [line for line in old if line.strip() and json.loads(line)["step"] < step]
-            self.log_file.write_text("".join(line + "\n" for line in kept) + json.dumps({"step": step, **result}) + "\n")
+            kept.append(json.dumps({"step": step, **result}))
+            self.log_file.write_text("".join(line + "\n" for line in kept))
         return result

@@ -186,7 +186,7 @@ def test_the_validation_loss_is_one_scale_for_every_weighting(prediction_type):
     scheduler = flow_scheduler() if prediction_type == "flow" else training_scheduler()
     plain = Objective(scheduler, prediction_type=prediction_type)
     weighted = [dataclasses.replace(plain, weighting_scheme="logit_normal", noise_offset=0.1),
-                dataclasses.replace(plain, weighting_scheme="mode", caption_dropout=0.5)]
+                dataclasses.replace(plain, weighting_scheme="mode", caption_dropout=0.5, input_perturbation=0.1)]
     if prediction_type == "epsilon":
         weighted.append(dataclasses.replace(plain, snr_gamma=5.0))
     denoiser = tiny_unet()
@@ -194,3 +194,31 @@ def test_the_validation_loss_is_one_scale_for_every_weighting(prediction_type):
     for objective in weighted:
         assert validation_loss(denoiser, encoder, objective, batches, buckets=2) == want
     assert validation_loss(tiny_unet(seed=1), encoder, plain, batches, buckets=2)["val_loss"] != want["val_loss"]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.1])
+def test_input_perturbation_moves_the_input_but_not_the_target(gamma):
+    """x_t is built from eps + gamma xi and the loss is against eps; gamma = 0 makes no extra draw (the draws of a
+    run without it are unchanged)."""
+    from ldm.tiny import tiny_text_encoder, tiny_unet, tiny_vae
+    from ldm.tokenizer import load_tokenizer
+    from ldm.training_step import BatchEncoder, Objective, diffusion_step, draw_noise
+
+    tok = load_tokenizer()
+    encoder = BatchEncoder(tiny_vae(), tiny_text_encoder(tok), tok, random_flip=False)
+    batch = {"pixel_values": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+             "captions": ["a red fox", "a cat"]}
+    objective = Objective(training_scheduler(), caption_dropout=0.0, input_perturbation=gamma)
+    denoiser, seen = tiny_unet(), {}
+    denoiser.register_forward_hook(lambda module, args, output: seen.update(x=args[0], out=output.sample))
+    with torch.no_grad():
+        loss = diffusion_step(denoiser, encoder, objective, batch, torch.Generator().manual_seed(3)).loss
+        generator = torch.Generator().manual_seed(3)  # the same draws, in the step's order
+        x0, _, _ = encoder(batch, generator)
+        noise = draw_noise(x0.shape, 0.0, generator)
+        xi = torch.randn(x0.shape, generator=generator) if gamma else torch.zeros_like(x0)
+        t = torch.randint(0, 1000, (2,), generator=generator)
+    torch.testing.assert_close(seen["x"], objective.scheduler.add_noise(x0, noise + gamma * xi, t))
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(seen["out"], noise))
+    if gamma:
+        assert not torch.allclose(loss, torch.nn.functional.mse_loss(seen["out"], noise + gamma * xi))

@@ -233,10 +233,11 @@ def unet_epoch(t2i, env) -> Run:
 
 @pytest.fixture(scope="module")
 def dit_epoch(t2i, env) -> Run:
-    """One epoch of DiT training: v-prediction on a zero-terminal-SNR schedule, min-SNR, EMA, accumulation 2
-    (3 batches of 4 -> 2 steps)."""
+    """One epoch of DiT training: v-prediction on a zero-terminal-SNR schedule, min-SNR, input perturbation, EMA,
+    accumulation 2 (3 batches of 4 -> 2 steps)."""
     return train(t2i, env, "dit-epoch", "--num_train_epochs", "1", "--train_batch_size", "4", "--prediction_type",
-                 "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5", "--use_ema",
+                 "v_prediction", "--rescale_betas_zero_snr", "--snr_gamma", "5", "--input_perturbation", "0.1",
+                 "--use_ema",
                  "--gradient_accumulation_steps", "2", denoiser="dit")
 
 
@@ -774,13 +775,15 @@ NO_DENOISER = ("--denoiser", "--denoiser_config")
     (NO_DENOISER, ["--lora_rank", "4", "--use_ema"], "--use_ema with --lora_rank is not supported"),
     (NO_DENOISER, ["--lora_rank", "4", "--learned_variance"], "it cannot be trained with LoRA"),
     ((), ["--caption_dropout", "1"], "--caption_dropout must be in [0, 1), got 1.0"),
+    ((), ["--input_perturbation", "-0.1"], "--input_perturbation is a noise scale >= 0 (0.1 is usual), got -0.1"),
     ((), ["--prediction_type", "flow", "--snr_gamma", "5"], "--snr_gamma belongs to the DDPM objectives"),
     ((), ["--prediction_type", "flow", "--rescale_betas_zero_snr"], "--rescale_betas_zero_snr belongs to the DDPM"),
     ((), ["--prediction_type", "flow", "--learned_variance"], "--learned_variance / --variance_type belongs to"),
     ((), ["--prediction_type", "flow", "--variance_type", "fixed_large"], "--variance_type belongs to the DDPM"),
     ((), ["--timestep_shift", "3"], "--timestep_shift is for --prediction_type flow"),
     ((), ["--prediction_type", "flow", "--timestep_shift", "big"], "--timestep_shift must be a number or 'auto'"),
-    ((), ["--learned_variance", "--variance_type", "fixed_large"], "--learned_variance is --variance_type learned_range"),
+    ((), ["--learned_variance", "--variance_type", "fixed_large"],
+     "--learned_variance is --variance_type learned_range"),
     (("--pretrained_model_name_or_path",), [], "Give --pretrained_model_name_or_path, or both --vae and"),
     (("--pretrained_model_name_or_path", *NO_DENOISER), ["--vae", "v", "--text_encoder", "t"],
      "Say which denoiser to train from scratch"),

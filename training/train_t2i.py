@@ -39,13 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pipeline folder or Hub id giving vae/, text_encoder/, tokenizer/ (and denoiser/ to fine-tune)")
     g.add_argument("--vae", default=None, help="AutoencoderKL folder or Hub id (overrides the pipeline's)")
     g.add_argument("--text_encoder", default=None, help="CLIPTextModel folder or Hub id (overrides the pipeline's)")
-    g.add_argument("--tokenizer", default=None, help="CLIPTokenizer folder (default: --text_encoder's, else the pipeline's)")
+    g.add_argument("--tokenizer", default=None,
+                   help="CLIPTokenizer folder (default: --text_encoder's, else the pipeline's)")
     g.add_argument("--revision", default=None)
     g.add_argument("--denoiser", choices=["unet", "dit"], default=None,
                    help="train a new denoiser of this kind from scratch (default: fine-tune the pipeline's)")
     g.add_argument("--denoiser_config", default=None,
                    help="config.json of the new denoiser, or a size: dit-s/2, dit-b/2, ... or unet-s, unet-b, unet-l")
-    g = add_data_arguments(p, None, "training image size (default: the VAE's sample_size)", streaming=True, balance=True)
+    g = add_data_arguments(p, None, "training image size (default: the VAE's sample_size)", streaming=True,
+                           balance=True)
     g.add_argument("--cache_latents", action="store_true",
                    help="precompute VAE latents and text embeddings once (map-style data only)")
     g.add_argument("--cache_latents_mode", choices=["posterior", "mean"], default="posterior",
@@ -72,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reverse-process variance (default fixed_small; learned_range = --learned_variance)")
     g.add_argument("--snr_gamma", type=float, default=None, help="min-SNR-gamma loss weighting (5 is typical)")
     g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--input_perturbation", type=float, default=0.0,
+                   help="gamma of input perturbation (Ning et al. 2023): the noisy input is built from eps + gamma xi, "
+                        "the target from eps, so the denoiser learns from inputs a little off the forward process as "
+                        "its own samples are; 0.1 in the paper and in diffusers' scripts; 0: off")
     g.add_argument("--learned_variance", action="store_true",
                    help="learn the reverse-process variance (learned range) with the hybrid loss of improved DDPM")
     g.add_argument("--vlb_weight", type=float, default=1e-3, help="lambda of L_simple + lambda L_vlb")
@@ -155,6 +161,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--learned_variance changes the denoiser's output layer; it cannot be trained with LoRA.")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise ValueError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.input_perturbation < 0:
+        raise ValueError(f"--input_perturbation is a noise scale >= 0 (0.1 is usual), got {args.input_perturbation}")
     _check_objective(args)
     _check_validation_loss(args)
     if args.snr_gamma is not None and args.rescale_betas_zero_snr:
@@ -293,7 +301,7 @@ def build_models(args, accelerator):
                                        args.variance_type)
     objective = Objective(scheduler, args.prediction_type, args.snr_gamma, args.learned_variance, args.vlb_weight,
                           args.noise_offset, args.caption_dropout, args.weighting_scheme, args.logit_mean,
-                          args.logit_std, args.mode_scale)
+                          args.logit_std, args.mode_scale, args.input_perturbation)
     weight_dtype = weight_dtype_of(accelerator)
     vae.to(accelerator.device, dtype=vae_dtype_of(accelerator, args.vae_dtype))
     text_encoder.to(accelerator.device, dtype=weight_dtype)
@@ -508,7 +516,8 @@ def save_final(args, denoiser, ema, noise_scheduler, grid: Path | None, step: in
         num_parameters=f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.1f}M",
         lora=lora, lora_rank=args.lora_rank, scheduler_class=type(scheduler).__name__,
         prediction_type=args.prediction_type, beta_schedule=args.beta_schedule,
-        zero_snr=args.rescale_betas_zero_snr, shift=getattr(scheduler.config, "shift", None), example_prompt=(args.validation_prompts or ["a red fox"])[0],
+        zero_snr=args.rescale_betas_zero_snr, shift=getattr(scheduler.config, "shift", None),
+        example_prompt=(args.validation_prompts or ["a red fox"])[0],
         validation_image=card_grid, validation_prompts=args.validation_prompts,
     )
     logger.info("Saved %s to %s", "LoRA adapters" if lora else "the pipeline", output_dir)
