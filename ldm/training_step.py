@@ -123,9 +123,9 @@ def draw_noise(shape: torch.Size, noise_offset: float, generator: torch.Generato
 
 
 def perturb_input(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """The noise x_t is built from: ``noise`` + gamma xi, xi ~ N(0, I) (input perturbation, DDPM-IP: the denoiser
-    meets inputs a little off the forward process, as its own samples are, while its target stays ``noise``; the
-    ``--input_perturbation`` of diffusers' training scripts). gamma = 0: ``noise`` itself and no draw."""
+    """What x_t is built from: ``noise`` + gamma xi, xi ~ N(0, I) (input perturbation, DDPM-IP: the denoiser meets
+    inputs a little off the forward process, as its own samples are, while its target stays ``noise``; the
+    ``--input_perturbation`` of diffusers' training scripts). gamma = 0: ``noise`` itself, and nothing is drawn."""
     if not gamma:
         return noise
     return noise + gamma * torch.randn(noise.shape, generator=generator, device=generator.device).to(noise.device)
@@ -153,8 +153,8 @@ def diffusion_step(denoiser, encoder: BatchEncoder, objective: Objective, batch:
     """The loss of one micro-batch (backward, clipping and the optimizer are ``ldm.train_loop``'s)."""
     latents, embeds, mask = encoder(batch, generator)  # x0 (B, C, h, w), (B, L, D), (B, L)
     noise = draw_noise(latents.shape, objective.noise_offset, generator).to(latents.device)
-    noisy, timesteps = add_training_noise(objective, latents, perturb_input(noise, objective.input_perturbation,
-                                                                            generator), generator)  # x_t, t (B,)
+    perturbed = perturb_input(noise, objective.input_perturbation, generator)  # eps + gamma xi (eps if gamma = 0)
+    noisy, timesteps = add_training_noise(objective, latents, perturbed, generator)  # x_t, t (B,)
     embeds, mask = drop_captions(embeds, mask, encoder.empty_embeds, encoder.empty_mask, objective.caption_dropout,
                                  generator)
     output = denoiser(noisy, timesteps, embeds, encoder_attention_mask=mask).sample
