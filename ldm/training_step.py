@@ -128,7 +128,7 @@ def perturb_input(noise: torch.Tensor, gamma: float, generator: torch.Generator)
     ``--input_perturbation`` of diffusers' training scripts). gamma = 0: ``noise`` itself, and nothing is drawn."""
     if not gamma:
         return noise
-    return noise + gamma * torch.randn(noise.shape, generator=generator, device=generator.device).to(noise.device)
+    return noise + gamma * draw_noise(noise.shape, 0.0, generator).to(noise.device)
 
 
 def add_training_noise(objective: Objective, latents: torch.Tensor, noise: torch.Tensor,

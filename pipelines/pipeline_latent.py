@@ -50,6 +50,11 @@ def _takes(module, argument: str) -> bool:
     return argument in inspect.signature(module.forward).parameters
 
 
+def _is_text(value) -> bool:
+    """A str, or a list or tuple of str: what ``prompt`` and ``negative_prompt`` accept."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(p, str) for p in value))
+
+
 def _call_state(pipe) -> threading.local:
     """The pipeline's per-thread call state (created on first use)."""
     state = pipe.__dict__.get("_ldm_call_state")
@@ -376,8 +381,7 @@ class LatentPipeline(DiffusionPipeline):
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass a `prompt` (str or list of str) or `prompt_embeds`.")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompt, (str, list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            if not _is_text(prompt):
                 raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
             if not isinstance(prompt, str) and len(prompt) == 0:
                 raise ValueError("`prompt` is an empty list; pass at least one prompt.")
@@ -385,8 +389,7 @@ class LatentPipeline(DiffusionPipeline):
             if embeds is not None and (not torch.is_tensor(embeds) or embeds.ndim != 3):
                 raise ValueError(f"`{name}` must be a (batch, tokens, width) tensor, got "
                                  f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}.")
-        if negative_prompt is not None and not (isinstance(negative_prompt, str) or (
-                isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt))):
+        if negative_prompt is not None and not _is_text(negative_prompt):
             raise ValueError(f"`negative_prompt` must be a str or a list of str, got {type(negative_prompt).__name__}.")
         batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         if self.guidance_distilled and (negative_prompt is not None or negative_prompt_embeds is not None):
