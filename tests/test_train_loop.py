@@ -18,7 +18,7 @@ class Out:
     loss: torch.Tensor
 
 
-def setup(tmp_path, accumulation: int):
+def setup(tmp_path, accumulation: int, learning_rate: float = 1e-2):
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -28,7 +28,7 @@ def setup(tmp_path, accumulation: int):
     model = torch.nn.Linear(3, 1)
     data = torch.utils.data.TensorDataset(torch.randn(12, 3), torch.randn(12, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=2, shuffle=True)
-    optimizer = make_optimizer(list(model.parameters()), 1e-2)
+    optimizer = make_optimizer(list(model.parameters()), learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return accelerator, *accelerator.prepare(model, optimizer, loader, scheduler)
 
@@ -68,6 +68,32 @@ def test_a_non_finite_micro_batch_stops_before_the_update(tmp_path):
         run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg)
     for old, new in zip(before, model.parameters()):
         assert torch.equal(old, new.detach())
+
+
+def test_a_resumed_run_goes_on_at_its_own_learning_rate(tmp_path, caplog):
+    """A checkpoint restores the scheduler of the run that wrote it, rates included: a run resumed with another
+    learning rate goes on at that one from its first update, with a warning naming both; the same rate, no warning."""
+    def train(learning_rate: float, steps: int, resume: str | None = None) -> list[float]:
+        accelerator, model, optimizer, loader, scheduler = setup(tmp_path, 1, learning_rate)
+        used = []
+
+        def loss_fn(batch, generator):
+            used.append(optimizer.param_groups[0]["lr"])  # the rate this step's update will use
+            x, y = batch
+            return Out((model(x) - y).pow(2).mean())
+
+        cfg = LoopConfig(tmp_path, max_train_steps=steps, checkpointing_steps=2, resume_from_checkpoint=resume)
+        run_training(accelerator, model, optimizer, scheduler, loader, loss_fn, cfg)
+        return used + [cfg.history[-1]["lr"]]
+
+    assert train(1e-2, 2) == pytest.approx([1e-2] * 3)
+    with caplog.at_level("WARNING", logger="ldm.checkpointing"):
+        assert train(1e-3, 4, "latest") == pytest.approx([1e-3] * 3)
+    assert "trained at learning rate 0.01; this run goes on at --learning_rate 0.001" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.checkpointing"):
+        assert train(1e-3, 5, "latest") == pytest.approx([1e-3] * 2)
+    assert "learning rate" not in caplog.text
 
 
 @pytest.mark.parametrize("env, refused", [
