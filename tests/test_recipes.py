@@ -354,3 +354,43 @@ def test_emoji_recipe_balanced_row_adds_to_the_row_it_started_from(tmp_path):
     rows = recipe.teacher_rows(args, tmp_path, "unet", saved)
     assert [(r["name"], r["steps"], r["minutes"]) for r in rows[2:]] == \
         [("unet-refine", 6020, 498.0), ("unet-refine-balanced", 6030, 505.0)]
+
+
+def test_emoji_recipe_perturb_stage_trains_the_balanced_teacher_on_with_input_perturbation(tmp_path):
+    """``perturb-teacher`` (off by default) runs the balance recipe again from the balanced teacher (or
+    ``--refine_from``) with ``--input_perturbation`` into ``...-balanced-perturbed``, which then ships; its row adds
+    to the balanced one's, and the card tells both stages."""
+    import json
+
+    recipe, shipped, saved, args = _shipped_refined_teacher(tmp_path)
+    assert recipe.STAGES.index("balance-teacher") < recipe.STAGES.index("perturb-teacher") < \
+        recipe.STAGES.index("ship-teacher")
+    assert recipe.shipped_teacher(args, tmp_path, "unet").name == "teacher-unet-refine-balanced"  # off by default
+    assert recipe.refine_stage(args, tmp_path, "unet", "perturb-teacher")[0] == 0
+    perturb = recipe.parse_args(["--refine_from", str(shipped), "--perturb_steps", "3"])
+    assert recipe.shipped_teacher(perturb, tmp_path, "unet").name == "teacher-unet-refine-balanced-perturbed"
+    assert recipe.refine_stage(perturb, tmp_path, "unet", "perturb-teacher") == \
+        (3, tmp_path / "teacher-unet-refine-balanced-perturbed", shipped)  # the work folder's balanced one is gone
+    flag = _flags(recipe.refine_command(perturb, tmp_path, shipped, tmp_path / "out", perturb=True))
+    assert (flag["--input_perturbation"], flag["--balance_by"], flag["--max_train_steps"], flag["--weighting_scheme"]) \
+        == ("0.1", "hexcode", "3", "logit_normal")
+    assert "--input_perturbation" not in _flags(recipe.refine_command(perturb, tmp_path, shipped, tmp_path / "o",
+                                                                      balance=True))
+
+    run = {"train_batch_size": 4, "pretrained_model_name_or_path": "models/emoji", "balance_by": "hexcode",
+           "input_perturbation": 0.1}
+    for name, steps in (("teacher-unet-refine-balanced", 10), ("teacher-unet-refine-balanced-perturbed", 5)):
+        tiny_pipeline("unet", seed=0).save_pretrained(tmp_path / name)
+        (tmp_path / name / "training_args.json").write_text(json.dumps(dict(run, max_train_steps=steps)))
+        (tmp_path / f"eval-{name}.json").write_text(json.dumps({"train": {"top5": 0.5}}))
+    (tmp_path / "timings.json").write_text(json.dumps({"balance-teacher": 7.0, "perturb-teacher": 2.0}))
+    assert recipe.perturb_start(perturb, tmp_path, "unet") == tmp_path / "teacher-unet-refine-balanced"
+    rows = recipe.teacher_rows(perturb, tmp_path, "unet", saved)
+    assert [(r["name"], r["from"], r["steps"], r["minutes"]) for r in rows[3:]] == \
+        [("unet-refine-balanced", "unet-refine", 8410, 506.0),
+         ("unet-refine-balanced-perturbed", "unet-refine-balanced", 8415, 508.0)]
+    out = recipe.shipped_teacher(perturb, tmp_path, "unet")
+    assert "`--balance_steps 10`" in recipe.balance_note(out) and "`--perturb_steps 5`" in recipe.perturb_note(out)
+    assert recipe.perturb_note(tmp_path / "teacher-unet-refine-balanced") == ""
+    shutil.rmtree(tmp_path / "teacher-unet-refine-balanced")  # trained from the shipped one: the stage in a line
+    assert recipe.balance_note(out).strip().startswith("Then `--stages balance-teacher` ran that refinement again")

@@ -24,6 +24,9 @@ interrupted command picks up where it stopped):
 6c. ``balance-teacher`` (``--balance_steps``, 2,400 by default; 0 skips it): the refined teacher (or ``--refine_from``
    when the work folder's is gone) refined again the same way with every value of ``--balance_by`` (``hexcode``: each
    concept) drawn equally often, into ``teacher-KIND-refine-balanced``, and evaluated again;
+6d. ``perturb-teacher`` (``--perturb_steps``, 0 by default: skipped): the balanced teacher (or ``--refine_from``)
+   trained on with the balance recipe plus ``--input_perturbation`` (DDPM-IP) into ``...-balanced-perturbed``, which
+   then ships, and evaluated again;
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
 8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
    ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
@@ -49,7 +52,7 @@ from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher",
-          "refine-teacher", "balance-teacher", "ship-teacher",
+          "refine-teacher", "balance-teacher", "perturb-teacher", "ship-teacher",
           "student", "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 ROUND_STEPS = 500  # the default steps of each halving round; its student folder's name leaves them out
@@ -83,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the data column the balance-teacher stage draws every value of equally often (hexcode: "
                         "each concept, however many renders it has; people are 59 %% of the renders, 20 %% of the "
                         "concepts)")
+    p.add_argument("--perturb_steps", type=int, default=0,
+                   help="steps of the perturb-teacher stage (the balance recipe again, from the balanced teacher, with "
+                        "--input_perturbation); 0: skipped, the balanced teacher ships. More than a finished run's: "
+                        "it trains on from its last checkpoint")
+    p.add_argument("--input_perturbation", type=float, default=0.1,
+                   help="the perturb-teacher stage's train_t2i.py --input_perturbation (DDPM-IP's gamma)")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
@@ -165,15 +174,18 @@ def teacher_command(args, work: Path, kind: str, out: Path, steps: int, resume) 
             2500]
 
 
-def refine_command(args, work: Path, start: Path, out: Path, balance: bool = False) -> list:
+def refine_command(args, work: Path, start: Path, out: Path, balance: bool = False, perturb: bool = False) -> list:
     """Fine-tune the pipeline ``start`` with timesteps drawn logit-normal around t = 500 (SNR about 0.02 to 0.2
     there under the zero-terminal-SNR schedule: the band where a sample commits to a layout), a fresh optimizer;
-    ``balance``: ``--balance_steps`` drawing every value of ``--balance_by`` equally often."""
+    ``balance``: ``--balance_steps`` drawing every value of ``--balance_by`` equally often; ``perturb``: the same
+    for ``--perturb_steps`` with ``--input_perturbation``."""
+    steps = args.perturb_steps if perturb else args.balance_steps if balance else args.refine_steps
     return ["train_t2i.py", "--pretrained_model_name_or_path", start, *t2i_recipe(args, work, out, "latest"),
             "--ema_decay", "0.999", "--learning_rate", "1e-4", "--lr_warmup_steps", 100, "--max_train_steps",
-            args.balance_steps if balance else args.refine_steps, "--checkpointing_steps", 200, "--weighting_scheme",
-            "logit_normal", "--logit_mean", 0, "--logit_std", 1, "--validation_steps", 100000,
-            *(["--balance_by", args.balance_by] if balance else [])]
+            steps, "--checkpointing_steps", 200, "--weighting_scheme", "logit_normal", "--logit_mean", 0,
+            "--logit_std", 1, "--validation_steps", 100000,
+            *(["--balance_by", args.balance_by] if balance or perturb else []),
+            *(["--input_perturbation", args.input_perturbation] if perturb else [])]
 
 
 def stage_teacher(args, work: Path, kind: str) -> None:
@@ -192,16 +204,41 @@ def refined_teacher(args, work: Path, kind: str) -> Path:
     return long_teacher(args, work, kind) if args.refine_steps <= 0 else work / f"teacher-{kind}-refine"
 
 
-def shipped_teacher(args, work: Path, kind: str) -> Path:
-    """The folder of the teacher that ships: the balanced one, or with ``--balance_steps 0`` the refined one."""
+def balanced_teacher(args, work: Path, kind: str) -> Path:
+    """The balance-teacher stage's folder (with ``--balance_steps 0``: the refined teacher's)."""
     refined = refined_teacher(args, work, kind)
     return refined if args.balance_steps <= 0 else work / f"{refined.name}-balanced"
 
 
+def shipped_teacher(args, work: Path, kind: str) -> Path:
+    """The folder of the teacher that ships: the perturbed one, else (``--perturb_steps 0``) the balanced one."""
+    balanced = balanced_teacher(args, work, kind)
+    return balanced if args.perturb_steps <= 0 else work / f"{balanced.name}-perturbed"
+
+
+def start_or_given(args, folder: Path) -> Path:
+    """``folder`` when it holds a finished pipeline, else ``--refine_from`` when given (the work folder's is gone)."""
+    return Path(args.refine_from) if args.refine_from and not (folder / "model_index.json").is_file() else folder
+
+
 def balance_start(args, work: Path, kind: str) -> Path:
     """The teacher the balance-teacher stage fine-tunes: the refined one in ``work``, else ``--refine_from``."""
-    refined = refined_teacher(args, work, kind)
-    return Path(args.refine_from) if args.refine_from and not (refined / "model_index.json").is_file() else refined
+    return start_or_given(args, refined_teacher(args, work, kind))
+
+
+def perturb_start(args, work: Path, kind: str) -> Path:
+    """The teacher the perturb-teacher stage fine-tunes: the balanced one in ``work``, else ``--refine_from``."""
+    return start_or_given(args, balanced_teacher(args, work, kind))
+
+
+def refine_stage(args, work: Path, kind: str, stage: str) -> tuple[int, Path, Path]:
+    """(steps, folder, start pipeline) of the ``refine-teacher``, ``balance-teacher`` or ``perturb-teacher`` stage."""
+    if stage == "perturb-teacher":
+        return args.perturb_steps, shipped_teacher(args, work, kind), perturb_start(args, work, kind)
+    if stage == "balance-teacher":
+        return args.balance_steps, balanced_teacher(args, work, kind), balance_start(args, work, kind)
+    return (args.refine_steps, refined_teacher(args, work, kind),
+            Path(args.refine_from or long_teacher(args, work, kind)))
 
 
 def stage_teacher_long(args, work: Path, kind: str) -> None:
@@ -217,17 +254,18 @@ def stage_teacher_long(args, work: Path, kind: str) -> None:
     evaluate_teacher(args, out, work / f"eval-{out.name}.json")
 
 
-def stage_refine_teacher(args, work: Path, kind: str, balance: bool = False) -> None:
+def stage_refine_teacher(args, work: Path, kind: str, stage: str = "refine-teacher") -> None:
     """The continued teacher (or ``--refine_from``) fine-tuned ``--refine_steps`` on mid-noise timesteps, then
-    evaluated like the others; ``balance``: the refined one fine-tuned again ``--balance_steps`` with every value of
-    ``--balance_by`` drawn equally often."""
-    if (args.balance_steps if balance else args.refine_steps) <= 0:
+    evaluated like the others; ``balance-teacher``: the refined one fine-tuned again ``--balance_steps`` with every
+    value of ``--balance_by`` drawn equally often; ``perturb-teacher``: the balanced one ``--perturb_steps`` more
+    with ``--input_perturbation`` as well."""
+    steps, out, start = refine_stage(args, work, kind, stage)
+    if steps <= 0:
         return
-    out = shipped_teacher(args, work, kind) if balance else refined_teacher(args, work, kind)
-    start = balance_start(args, work, kind) if balance else Path(args.refine_from or long_teacher(args, work, kind))
     report = work / f"eval-{out.name}.json"
-    if lengthen(out, args.balance_steps if balance else args.refine_steps, report):
-        run(*refine_command(args, work, recorded_start(out, start), out, balance))
+    if lengthen(out, steps, report):
+        run(*refine_command(args, work, recorded_start(out, start), out, balance=stage == "balance-teacher",
+                            perturb=stage == "perturb-teacher"))
     evaluate_teacher(args, out, report)
 
 
@@ -522,8 +560,9 @@ def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
     rows = {r["name"]: r for r in saved}
     long, balanced = long_teacher(args, work, kind), f"{refined_teacher(args, work, kind).name}-balanced"
     starts = {f"teacher-{kind}-refine": (Path(args.refine_from) if args.refine_from else long, "refine-teacher"),
-              balanced: (balance_start(args, work, kind), "balance-teacher")}
-    for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long.name, f"teacher-{kind}-refine", balanced)):
+              balanced: (balance_start(args, work, kind), "balance-teacher"),
+              f"{balanced}-perturbed": (start_or_given(args, work / balanced), "perturb-teacher")}
+    for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long.name, f"teacher-{kind}-refine", *starts)):
         if (work / folder / "model_index.json").is_file():
             name = folder.removeprefix("teacher-")
             start, stage = starts.get(folder, (None, None))
@@ -605,19 +644,48 @@ sample from pure noise commits to its layout, which `training/inspect_denoiser.p
 losing (the README's "Where the shapes are lost")."""
 
 
+def legs_text(folder: Path, flag: str) -> tuple[dict, str, str]:
+    """The run in ``folder``: its training arguments, where it restarted warm, and its lengths as ``flag`` values."""
+    trained, legs = json.loads((folder / "training_args.json").read_text()), recorded_legs(folder)
+    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)" for n in legs)
+    return trained, restart, ", then ".join(f"`{flag} {n}`" for n in (*legs, trained["max_train_steps"]))
+
+
 def balance_note(shipped: Path) -> str:
-    """The card's account of the balance-teacher stage, naming the pipeline it started from."""
+    """The card's account of the balance-teacher stage, naming the pipeline it started from (for a perturbed
+    teacher: the balanced one's, or one line when that folder is gone)."""
+    if shipped.name.endswith("-perturbed"):
+        balanced = shipped.with_name(shipped.name.removesuffix("-perturbed"))
+        if not (balanced / "training_args.json").is_file():
+            return ("\nThen `--stages balance-teacher` ran that refinement again, drawing every value of "
+                    "`--balance_by` equally often.")
+        return balance_note(balanced)
     if not shipped.name.endswith("-balanced"):
         return ""
-    trained, legs = json.loads((shipped / "training_args.json").read_text()), recorded_legs(shipped)
-    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)" for n in legs)
-    runs = ", then ".join(f"`--balance_steps {n}`" for n in (*legs, trained["max_train_steps"]))
+    trained, restart, runs = legs_text(shipped, "--balance_steps")
     return f"""
 Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps{restart} from
 `{trained["pretrained_model_name_or_path"]}` (the row above), drawing every value of the data's
 `{trained["balance_by"]}` column equally often ({runs}, `--balance_by`; with replacement, seeded per
 epoch): with `hexcode` each concept as often as any other, however many renders (styles, skin tones) it has; people
 are 59 % of the renders but 20 % of the concepts."""
+
+
+def perturb_note(shipped: Path) -> str:
+    """The card's account of the perturb-teacher stage (empty for another teacher)."""
+    if not shipped.name.endswith("-perturbed"):
+        return ""
+    trained, restart, runs = legs_text(shipped, "--perturb_steps")
+    return f"""
+Then `--stages perturb-teacher` trained it on with the same recipe, {trained["max_train_steps"]} steps{restart} from
+`{trained["pretrained_model_name_or_path"]}` ({runs}), with its input perturbed (`--input_perturbation
+{trained["input_perturbation"]}`, DDPM-IP, Ning et al. 2023: the input is noised with eps + gamma * xi, xi a second
+draw, while the target stays eps, so training meets inputs a little off the forward process, as a sampler's are)."""
+
+
+def later_notes(shipped: Path) -> str:
+    """The card's account of the balance- and perturb-teacher stages that made ``shipped`` (empty for neither)."""
+    return balance_note(shipped) + perturb_note(shipped)
 
 
 def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict) -> str:
@@ -645,7 +713,7 @@ guidance {scale}), retrieval over all concepts with the project CLIP (`models/em
 
 The better teacher by held-out top-5 retrieval ({chosen["kind"]}) was then trained on from its step-{args.teacher_steps}
 checkpoint to {args.long_teacher_steps} steps (`--stages continue-teacher`, `--long_teacher_steps`: the cosine schedule
-of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}{balance_note(shipped)}
+of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}{later_notes(shipped)}
 The row marked "shipped" is this model. The comparison of the two architectures is the pair of
 {args.teacher_steps}-step rows.
 
@@ -835,9 +903,8 @@ def main(args: argparse.Namespace) -> None:
                 kind = stage_evaluate_teachers(args, work)
             elif stage == "continue-teacher":
                 stage_teacher_long(args, work, kind or chosen_kind(choice))
-            elif stage in ("refine-teacher", "balance-teacher"):
-                stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from),
-                                     balance=stage == "balance-teacher")
+            elif stage in ("refine-teacher", "balance-teacher", "perturb-teacher"):
+                stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from), stage)
             elif stage == "ship-teacher":
                 stage_ship_teacher(args, work, kind or chosen_kind(choice, args.refine_from))
             elif stage == "student":
