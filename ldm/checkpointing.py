@@ -271,7 +271,8 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict:
     if ema is not None and not has_ema:
         raise ValueError(f"Checkpoint {path} has no EMA weights (it was trained without --use_ema): drop "
                          "--use_ema to resume it, or start a new run.")
-    asked = [list(s.scheduler.base_lrs) for s in accelerator._schedulers if hasattr(s.scheduler, "base_lrs")]
+    schedulers = [s.scheduler for s in accelerator._schedulers if hasattr(s.scheduler, "base_lrs")]
+    asked = [list(s.base_lrs) for s in schedulers]  # this run's --learning_rate, before load_state replaces it
     try:
         accelerator.load_state(str(path))
     except Exception as err:
@@ -280,17 +281,16 @@ def load_checkpoint(accelerator, path: str | os.PathLike, ema=None) -> dict:
                          + (f"The newest other good checkpoint is {good}: resume from it with "
                             f"--resume_from_checkpoint {good}." if good else "There is no other good checkpoint.")
                          ) from err
-    keep_learning_rates(accelerator, asked, path)
+    keep_learning_rates(schedulers, asked, path)
     if ema is not None:
         load_ema(ema, path / EMA_FILE, state.get("ema", {}), path)
     return state
 
 
-def keep_learning_rates(accelerator, asked: list[list[float]], path: Path) -> None:
-    """Put back the peak learning rates this run was started with (``--learning_rate``) after ``load_state``
-    restored those of the run that wrote ``path``: the schedule goes on from the saved step at the asked rate, with a
-    warning naming both, and the next update already uses it."""
-    schedulers = [s.scheduler for s in accelerator._schedulers if hasattr(s.scheduler, "base_lrs")]
+def keep_learning_rates(schedulers: list, asked: list[list[float]], path: Path) -> None:
+    """Put back the peak learning rates ``asked`` this run was started with (``--learning_rate``) after ``load_state``
+    restored into ``schedulers`` those of the run that wrote ``path``: the schedule goes on from the saved step at the
+    asked rate, with a warning naming both, and the next update already uses it."""
     for scheduler, lrs in zip(schedulers, asked):
         if scheduler.base_lrs == lrs:
             continue
