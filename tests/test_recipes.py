@@ -392,5 +392,12 @@ def test_emoji_recipe_perturb_stage_trains_the_balanced_teacher_on_with_input_pe
     out = recipe.shipped_teacher(perturb, tmp_path, "unet")
     assert "`--balance_steps 10`" in recipe.balance_note(out) and "`--perturb_steps 5`" in recipe.perturb_note(out)
     assert recipe.perturb_note(tmp_path / "teacher-unet-refine-balanced") == ""
+    unbalanced = recipe.parse_args(["--refine_from", str(shipped), "--perturb_steps", "3", "--balance_steps", "0"])
+    refined_perturbed = tmp_path / "teacher-unet-refine-perturbed"  # without balancing it perturbs the refined one
+    assert recipe.shipped_teacher(unbalanced, tmp_path, "unet") == refined_perturbed
+    shutil.copytree(out, refined_perturbed)
+    shutil.copy(tmp_path / f"eval-{out.name}.json", tmp_path / f"eval-{refined_perturbed.name}.json")
+    assert recipe.teacher_rows(unbalanced, tmp_path, "unet", saved)[-1]["name"] == "unet-refine-perturbed"
+    assert recipe.balance_note(refined_perturbed) == ""
     shutil.rmtree(tmp_path / "teacher-unet-refine-balanced")  # trained from the shipped one: the stage in a line
     assert recipe.balance_note(out).strip().startswith("Then `--stages balance-teacher` ran that refinement again")

@@ -561,7 +561,8 @@ def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
     long, balanced = long_teacher(args, work, kind), f"{refined_teacher(args, work, kind).name}-balanced"
     starts = {f"teacher-{kind}-refine": (Path(args.refine_from) if args.refine_from else long, "refine-teacher"),
               balanced: (balance_start(args, work, kind), "balance-teacher"),
-              f"{balanced}-perturbed": (start_or_given(args, work / balanced), "perturb-teacher")}
+              f"{balanced_teacher(args, work, kind).name}-perturbed": (perturb_start(args, work, kind),
+                                                                        "perturb-teacher")}
     for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long.name, f"teacher-{kind}-refine", *starts)):
         if (work / folder / "model_index.json").is_file():
             name = folder.removeprefix("teacher-")
@@ -654,14 +655,12 @@ def legs_text(folder: Path, flag: str) -> tuple[dict, str, str]:
 def balance_note(shipped: Path) -> str:
     """The card's account of the balance-teacher stage, naming the pipeline it started from (for a perturbed
     teacher: the balanced one's, or one line when that folder is gone)."""
-    if shipped.name.endswith("-perturbed"):
-        balanced = shipped.with_name(shipped.name.removesuffix("-perturbed"))
-        if not (balanced / "training_args.json").is_file():
-            return ("\nThen `--stages balance-teacher` ran that refinement again, drawing every value of "
-                    "`--balance_by` equally often.")
-        return balance_note(balanced)
+    perturbed, shipped = shipped.name.endswith("-perturbed"), shipped.with_name(shipped.name.removesuffix("-perturbed"))
     if not shipped.name.endswith("-balanced"):
         return ""
+    if perturbed and not (shipped / "training_args.json").is_file():  # trained from the shipped balanced teacher
+        return ("\nThen `--stages balance-teacher` ran that refinement again, drawing every value of "
+                "`--balance_by` equally often.")
     trained, restart, runs = legs_text(shipped, "--balance_steps")
     return f"""
 Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps{restart} from
