@@ -313,6 +313,36 @@ def test_emoji_recipe_longer_balance_trains_the_finished_run_on_from_its_last_ch
         recipe.lengthen(out, 7200, report)
 
 
+def test_emoji_recipe_records_a_cut_off_run_resumed_at_another_length(tmp_path):
+    """A run cut off before it finished and asked for another length goes on from its last complete checkpoint under
+    the new schedule: ``legs.json`` records ``[step, cut run's length]`` once, and the card names both lengths. The
+    same length resumes with nothing recorded."""
+    import json
+
+    from ldm.checkpointing import STATE_FILE
+
+    recipe, shipped, saved, args = _shipped_refined_teacher(tmp_path)
+    out, report = tmp_path / "teacher-unet-refine-balanced-perturbed", tmp_path / "eval.json"
+    run = {"pretrained_model_name_or_path": "models/emoji", "balance_by": "hexcode", "input_perturbation": 0.1}
+    (out / "checkpoint-6600").mkdir(parents=True)  # an incomplete checkpoint (no state) is passed over
+    (out / "checkpoint-6500").mkdir()
+    (out / "checkpoint-6500" / STATE_FILE).write_text(json.dumps({"step": 6500, "epoch": 1, "batches_in_epoch": 0}))
+    (out / "legs.json").write_text(json.dumps([4000]))
+    (out / "training_args.json").write_text(json.dumps(dict(run, max_train_steps=11000)))
+    assert recipe.lengthen(out, 11000, report) and recipe.recorded_legs(out) == [4000]  # resumes as it was
+    for _ in range(2):  # the second time, a rerun that stopped before training began
+        assert recipe.lengthen(out, 10000, report)
+        assert recipe.recorded_legs(out) == [4000, [6500, 11000]]
+    (out / "training_args.json").write_text(json.dumps(dict(run, max_train_steps=10000)))
+    _, restart, runs = recipe.legs_text(out, "--perturb_steps")
+    assert runs == "`--perturb_steps 4000`, then `--perturb_steps 11000` stopped at step 6500, then " \
+                   "`--perturb_steps 10000`"
+    assert "from its step-6500 checkpoint" in restart and "from its step-4000 checkpoint" in restart
+    fresh = tmp_path / "fresh"  # nothing trained yet: nothing to record
+    fresh.mkdir()
+    assert recipe.lengthen(fresh, 10, report) and recipe.recorded_legs(fresh) == []
+
+
 def test_emoji_recipe_balanced_row_adds_to_the_row_it_started_from(tmp_path):
     """The balanced teacher's row adds its own stage time to the row it started from: a work folder's, or the one a
     shipped pipeline names in its ``teachers.json`` (``shipped``), and when that record ships the balanced teacher or

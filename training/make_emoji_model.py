@@ -48,6 +48,7 @@ import threading
 import time
 from pathlib import Path
 
+from ldm.checkpointing import latest_good_checkpoint
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
@@ -276,6 +277,7 @@ def lengthen(out: Path, steps: int, report: Path) -> bool:
     resumes rather than ships; its evaluation is kept as ``eval-...-STEPS.json`` and ``legs.json`` lists the steps
     each lengthening started from."""
     if not (out / "model_index.json").is_file():
+        record_cut(out, steps)
         return True
     done = json.loads((out / "training_args.json").read_text())["max_train_steps"]
     if done >= steps:
@@ -291,6 +293,21 @@ def lengthen(out: Path, steps: int, report: Path) -> bool:
     return True
 
 
+def record_cut(out: Path, steps: int) -> None:
+    """A run in ``out`` cut off before it finished and now asked for another length resumes from its last checkpoint
+    under the new length's schedule: ``legs.json`` records that as ``[step, the cut run's length]``, so the card
+    names the schedule each part really ran under."""
+    record = out / "training_args.json"
+    latest = latest_good_checkpoint(out) if record.is_file() else None
+    planned = json.loads(record.read_text())["max_train_steps"] if latest else steps
+    if planned == steps:
+        return
+    leg, legs = [int(latest.name.removeprefix("checkpoint-")), planned], recorded_legs(out)
+    if legs[-1:] != [leg]:  # a rerun that stopped before training began records it once
+        print(f"{out}: the {planned}-step run stopped at step {leg[0]}, going on to {steps}", flush=True)
+        (out / "legs.json").write_text(json.dumps([*legs, leg]))
+
+
 def recorded_start(folder: Path, start: Path) -> Path:
     """The pipeline the run in ``folder`` was started from, else ``start``: a resumed or lengthened run goes on from
     its checkpoint, so its ``training_args.json`` (and the card) keeps naming the weights it really began with."""
@@ -298,8 +315,9 @@ def recorded_start(folder: Path, start: Path) -> Path:
     return Path(json.loads(record.read_text())["pretrained_model_name_or_path"]) if record.is_file() else start
 
 
-def recorded_legs(folder: Path) -> list[int]:
-    """The steps each :func:`lengthen` of the run in ``folder`` started from (none for a run trained in one go)."""
+def recorded_legs(folder: Path) -> list:
+    """The steps each :func:`lengthen` of the run in ``folder`` started from (none for a run trained in one go), as
+    ``[step, length]`` where the run before was cut off there (:func:`record_cut`)."""
     record = folder / "legs.json"
     return json.loads(record.read_text()) if record.is_file() else []
 
@@ -647,9 +665,12 @@ losing (the README's "Where the shapes are lost")."""
 
 def legs_text(folder: Path, flag: str) -> tuple[dict, str, str]:
     """The run in ``folder``: its training arguments, where it restarted warm, and its lengths as ``flag`` values."""
-    trained, legs = json.loads((folder / "training_args.json").read_text()), recorded_legs(folder)
-    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)" for n in legs)
-    return trained, restart, ", then ".join(f"`{flag} {n}`" for n in (*legs, trained["max_train_steps"]))
+    trained = json.loads((folder / "training_args.json").read_text())
+    legs = [(leg, leg) if isinstance(leg, int) else tuple(leg) for leg in recorded_legs(folder)]  # (step, length)
+    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)"
+                      for n, _ in legs)
+    runs = [f"`{flag} {length}`" + (f" stopped at step {n}" if length != n else "") for n, length in legs]
+    return trained, restart, ", then ".join([*runs, f"`{flag} {trained['max_train_steps']}`"])
 
 
 def balance_note(shipped: Path) -> str:
