@@ -298,9 +298,9 @@ def record_cut(out: Path, steps: int) -> None:
     under the new length's schedule: ``legs.json`` records that as ``[step, the cut run's length]``, so the card
     names the schedule each part really ran under."""
     record = out / "training_args.json"
-    latest = latest_good_checkpoint(out) if record.is_file() else None
-    planned = json.loads(record.read_text())["max_train_steps"] if latest else steps
-    if planned == steps:
+    planned = json.loads(record.read_text())["max_train_steps"] if record.is_file() else steps
+    latest = latest_good_checkpoint(out) if planned != steps else None  # it hashes the checkpoint's files
+    if latest is None:
         return
     leg, legs = [int(latest.name.removeprefix("checkpoint-")), planned], recorded_legs(out)
     if legs[-1:] != [leg]:  # a rerun that stopped before training began records it once
