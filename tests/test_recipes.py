@@ -337,7 +337,8 @@ def test_emoji_recipe_records_a_cut_off_run_resumed_at_another_length(tmp_path):
     _, restart, runs = recipe.legs_text(out, "--perturb_steps")
     assert runs == "`--perturb_steps 4000`, then `--perturb_steps 11000` stopped at step 6500, then " \
                    "`--perturb_steps 10000`"
-    assert "from its step-6500 checkpoint" in restart and "from its step-4000 checkpoint" in restart
+    assert restart == " (trained on from its step-4000 and step-6500 checkpoints in turn, the cosine schedule " \
+                      "restarting warm each time)"
     fresh = tmp_path / "fresh"  # nothing trained yet: nothing to record
     fresh.mkdir()
     assert recipe.lengthen(fresh, 10, report) and recipe.recorded_legs(fresh) == []
@@ -431,3 +432,7 @@ def test_emoji_recipe_perturb_stage_trains_the_balanced_teacher_on_with_input_pe
     assert recipe.balance_note(refined_perturbed) == ""
     shutil.rmtree(tmp_path / "teacher-unet-refine-balanced")  # trained from the shipped one: the stage in a line
     assert recipe.balance_note(out).strip().startswith("Then `--stages balance-teacher` ran that refinement again")
+    recorded = {"balance-teacher": "\nwhat the card said when the balanced teacher shipped"}  # teachers.json keeps it
+    assert recipe.balance_note(out, recorded) == recorded["balance-teacher"]
+    assert list(recipe.later_notes(out, recorded)) == ["balance-teacher", "perturb-teacher"]
+    assert recipe.later_notes(tmp_path / "teacher-unet-refine") == {}

@@ -636,8 +636,9 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
     chosen = next(r for r in rows if r["name"] == shipped.name.removeprefix("teacher-"))
     brief = [dict(r, eval={k: {m: v for m, v in e.items() if m != "per_prompt"} if isinstance(e, dict) else e
                            for k, e in r["eval"].items()}) for r in rows]
-    (target / "teachers.json").write_text(json.dumps({"rows": brief, "shipped": chosen["name"], "timings": timings},
-                                                     indent=1))
+    notes = later_notes(shipped, record.get("notes"))
+    (target / "teachers.json").write_text(json.dumps({"rows": brief, "shipped": chosen["name"], "timings": timings,
+                                                      "notes": notes}, indent=1))
     trained = json.loads((shipped / "training_args.json").read_text())
     hyper = {k: v for k, v in trained.items() if v is not None and k not in
              ("output_dir", "cache_dir", "resume_from_checkpoint", "validation_prompts", "hub_token", "license",
@@ -648,7 +649,7 @@ def stage_ship_teacher(args, work: Path, kind: str) -> None:
         scheduler_class="DDIMScheduler (trailing)", prediction_type=trained["prediction_type"],
         beta_schedule=trained["beta_schedule"], zero_snr=True, example_prompt="a red fox",
         validation_image="samples.png", validation_prompts=", ".join(NATURAL_PROMPTS),
-        notes=teacher_notes(args, work, rows, chosen, shipped, timings),
+        notes=teacher_notes(args, work, rows, chosen, shipped, timings, "".join(notes.values())),
     )
 
 
@@ -667,21 +668,26 @@ def legs_text(folder: Path, flag: str) -> tuple[dict, str, str]:
     """The run in ``folder``: its training arguments, where it restarted warm, and its lengths as ``flag`` values."""
     trained = json.loads((folder / "training_args.json").read_text())
     legs = [(leg, leg) if isinstance(leg, int) else tuple(leg) for leg in recorded_legs(folder)]  # (step, length)
-    restart = "".join(f" (trained on from its step-{n} checkpoint, the cosine schedule restarting warm)"
-                      for n, _ in legs)
+    steps = [f"step-{n}" for n, _ in legs]
+    restart = "" if not legs else (
+        f" (trained on from its {steps[0]} checkpoint, the cosine schedule restarting warm)" if len(legs) == 1 else
+        f" (trained on from its {', '.join(steps[:-1])} and {steps[-1]} checkpoints in turn, the cosine schedule "
+        "restarting warm each time)")
     runs = [f"`{flag} {length}`" + (f" stopped at step {n}" if length != n else "") for n, length in legs]
     return trained, restart, ", then ".join([*runs, f"`{flag} {trained['max_train_steps']}`"])
 
 
-def balance_note(shipped: Path) -> str:
+def balance_note(shipped: Path, recorded: dict | None = None) -> str:
     """The card's account of the balance-teacher stage, naming the pipeline it started from (for a perturbed
-    teacher: the balanced one's, or one line when that folder is gone)."""
+    teacher: the balanced one's; when that folder is gone, the account ``recorded`` in the shipped ``teachers.json``
+    when the balanced teacher shipped, else one line)."""
     perturbed, shipped = shipped.name.endswith("-perturbed"), shipped.with_name(shipped.name.removesuffix("-perturbed"))
     if not shipped.name.endswith("-balanced"):
         return ""
     if perturbed and not (shipped / "training_args.json").is_file():  # trained from the shipped balanced teacher
-        return ("\nThen `--stages balance-teacher` ran that refinement again, drawing every value of "
-                "`--balance_by` equally often.")
+        return (recorded or {}).get("balance-teacher") or (
+            "\nThen `--stages balance-teacher` ran that refinement again, drawing every value of "
+            "`--balance_by` equally often.")
     trained, restart, runs = legs_text(shipped, "--balance_steps")
     return f"""
 Then `--stages balance-teacher` ran that refinement again, {trained["max_train_steps"]} steps{restart} from
@@ -698,25 +704,30 @@ def perturb_note(shipped: Path) -> str:
     trained, restart, runs = legs_text(shipped, "--perturb_steps")
     return f"""
 Then `--stages perturb-teacher` trained it on with the same recipe, {trained["max_train_steps"]} steps{restart} from
-`{trained["pretrained_model_name_or_path"]}` ({runs}), with its input perturbed (`--input_perturbation
+`{trained["pretrained_model_name_or_path"]}` (the row above; {runs}), with its input perturbed (`--input_perturbation
 {trained["input_perturbation"]}`, DDPM-IP, Ning et al. 2023: the input is noised with eps + gamma * xi, xi a second
 draw, while the target stays eps, so training meets inputs a little off the forward process, as a sampler's are)."""
 
 
-def later_notes(shipped: Path) -> str:
-    """The card's account of the balance- and perturb-teacher stages that made ``shipped`` (empty for neither)."""
-    return balance_note(shipped) + perturb_note(shipped)
+def later_notes(shipped: Path, recorded: dict | None = None) -> dict:
+    """The card's accounts of the balance- and perturb-teacher stages that made ``shipped``, by stage (none for
+    neither); ``recorded``: those the shipped ``teachers.json`` kept, for a stage whose work folder is gone."""
+    notes = {"balance-teacher": balance_note(shipped, recorded), "perturb-teacher": perturb_note(shipped)}
+    return {stage: text for stage, text in notes.items() if text}
 
 
-def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict) -> str:
-    """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``)."""
+def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict,
+                  later: str = "") -> str:
+    """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``); ``later``: the
+    balance- and perturb-teacher stages' accounts (``later_notes``)."""
     report = chosen["eval"]
     steps, scale = report["steps"], report["guidance_scale"]
     sets = "\n".join(
         f"| {SETS_TEXT[k]} | {report[k]['n']} | {pct(report[k]['top1'])} | {pct(report[k]['top5'])} | "
         f"{pct(report[k]['real_top5'])} | {report[k]['clip_score']:.3f} / {report[k]['real_clip_score']:.3f} = "
         f"{report[k]['clip_score_ratio']:.2f} | {report[k]['frechet_clip_distance']:.3f} |" for k in SETS_TEXT)
-    times = ", ".join(f"{s} {timings[s]:.0f} min" for s in STAGES if s in timings)
+    times = ", ".join(f"{s} {timings[s]:.0f} min" if timings[s] >= 0.5 else f"{s} <1 min" for s in STAGES
+                      if s in timings)
     return f"""The samples above are the 30 natural prompts of the evaluation (one image each, seed = prompt index,
 {steps} DDIM steps, guidance {scale}).
 
@@ -733,7 +744,7 @@ guidance {scale}), retrieval over all concepts with the project CLIP (`models/em
 
 The better teacher by held-out top-5 retrieval ({chosen["kind"]}) was then trained on from its step-{args.teacher_steps}
 checkpoint to {args.long_teacher_steps} steps (`--stages continue-teacher`, `--long_teacher_steps`: the cosine schedule
-of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}{later_notes(shipped)}
+of the longer run restarts warm at that step) and evaluated the same way.{refine_note(args)}{later}
 The row marked "shipped" is this model. The comparison of the two architectures is the pair of
 {args.teacher_steps}-step rows.
 
