@@ -717,7 +717,7 @@ def later_notes(shipped: Path, recorded: dict | None = None) -> dict:
 
 
 def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict,
-                  later: str = "") -> str:
+                  later: str) -> str:
     """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``); ``later``: the
     balance- and perturb-teacher stages' accounts (``later_notes``)."""
     report = chosen["eval"]
