@@ -104,6 +104,22 @@ def test_captions_are_a_list_from_label_name_and_tags(fixture):
     assert emoji._article("apple") == "an apple" and emoji._article("one") == "a one"
 
 
+def test_a_default_style_makes_every_other_style_training_caption_name_its_style(fixture, tmp_path):
+    argv = ["--out", str(tmp_path / "noto"), "--default_style", "Noto"] + \
+        [f"--tarball={k}={p}" for k, p in fixture["paths"].items()] + \
+        [f"--integrity={k}={v}" for k, v in fixture["integrity"].items()]
+    assert emoji.main(argv)["default_style"] == "Noto" and "default_style" not in fixture["summary"]
+    for split in ("train", "validation", "test"):
+        plain, styled = rows(fixture["out"], split), rows(tmp_path / "noto", split)
+        assert [r["file_name"] for r in plain] == [r["file_name"] for r in styled]
+        for a, b in zip(plain, styled):
+            if split != "train" or a["style"] == "Noto":  # the default style and the evaluation splits: as built
+                assert a == b
+                continue
+            assert len(b["text"]) == len(a["text"]) and all(c.endswith(", Twemoji style") for c in b["text"])
+            assert b["text"][0] == a["text"][0] + ", Twemoji style" and a["text"][4] == b["text"][4]
+
+
 def test_alpha_is_composited_onto_white(fixture):
     out = fixture["out"]
     opaque = np.asarray(Image.open(out / "train" / "google-1f600.png"))

@@ -276,10 +276,10 @@ def test_emoji_recipe_balance_stage_refines_the_refined_teacher_with_every_conce
     assert recipe.shipped_teacher(recipe.parse_args(["--refine_steps", "0"]), tmp_path, "unet").name == \
         "teacher-unet-long-balanced"
     assert recipe.balance_start(args, tmp_path, "unet") == shipped  # the work folder's refined teacher is gone
-    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, shipped, tmp_path / "out", balance=True)]
+    cmd = [str(c) for c in recipe.refine_command(args, tmp_path, shipped, tmp_path / "out", "balance-teacher")]
     assert cmd[cmd.index("--balance_by") + 1] == "hexcode" and cmd[cmd.index("--max_train_steps") + 1] == "2400"
     refine = recipe.parse_args(["--balance_steps", "1", "--balance_by", "group"])
-    cmd = [str(c) for c in recipe.refine_command(refine, tmp_path, shipped, tmp_path / "out", balance=True)]
+    cmd = [str(c) for c in recipe.refine_command(refine, tmp_path, shipped, tmp_path / "out", "balance-teacher")]
     assert cmd[cmd.index("--balance_by") + 1] == "group" and cmd[cmd.index("--max_train_steps") + 1] == "1"
 
 
@@ -402,11 +402,11 @@ def test_emoji_recipe_perturb_stage_trains_the_balanced_teacher_on_with_input_pe
     assert recipe.shipped_teacher(perturb, tmp_path, "unet").name == "teacher-unet-refine-balanced-perturbed"
     assert recipe.refine_stage(perturb, tmp_path, "unet", "perturb-teacher") == \
         (3, tmp_path / "teacher-unet-refine-balanced-perturbed", shipped)  # the work folder's balanced one is gone
-    flag = _flags(recipe.refine_command(perturb, tmp_path, shipped, tmp_path / "out", perturb=True))
+    flag = _flags(recipe.refine_command(perturb, tmp_path, shipped, tmp_path / "out", "perturb-teacher"))
     assert (flag["--input_perturbation"], flag["--balance_by"], flag["--max_train_steps"], flag["--weighting_scheme"]) \
         == ("0.1", "hexcode", "3", "logit_normal")
     assert "--input_perturbation" not in _flags(recipe.refine_command(perturb, tmp_path, shipped, tmp_path / "o",
-                                                                      balance=True))
+                                                                      "balance-teacher"))
 
     run = {"train_batch_size": 4, "pretrained_model_name_or_path": "models/emoji", "balance_by": "hexcode",
            "input_perturbation": 0.1}
@@ -436,3 +436,49 @@ def test_emoji_recipe_perturb_stage_trains_the_balanced_teacher_on_with_input_pe
     assert recipe.balance_note(out, recorded) == recorded["balance-teacher"]
     assert list(recipe.later_notes(out, recorded)) == ["balance-teacher", "perturb-teacher"]
     assert recipe.later_notes(tmp_path / "teacher-unet-refine") == {}
+
+
+def test_emoji_recipe_restyle_stage_trains_the_perturbed_teacher_on_the_default_style_data(tmp_path):
+    """``restyle-teacher`` (off by default) runs the perturb recipe again from the perturbed teacher on the data
+    built with ``--default_style``, into ``...-perturbed-noto-default``, which then ships and which the student
+    distils on the same data; its row adds to the perturbed one's, and the card tells all three later stages."""
+    import json
+
+    recipe, shipped, saved, args = _shipped_refined_teacher(tmp_path)
+    assert recipe.STAGES.index("perturb-teacher") < recipe.STAGES.index("restyle-teacher") < \
+        recipe.STAGES.index("ship-teacher")
+    perturb = recipe.parse_args(["--refine_from", str(shipped), "--perturb_steps", "3"])
+    restyle = recipe.parse_args(["--refine_from", str(shipped), "--perturb_steps", "3", "--restyle_steps", "2"])
+    assert recipe.refine_stage(perturb, tmp_path, "unet", "restyle-teacher")[0] == 0  # off by default
+    assert recipe.restyle_data(perturb, tmp_path) == tmp_path / "data"
+    out = tmp_path / "teacher-unet-refine-balanced-perturbed-noto-default"
+    assert recipe.refine_stage(restyle, tmp_path, "unet", "restyle-teacher") == (2, out, shipped)
+    assert recipe.shipped_teacher(restyle, tmp_path, "unet") == recipe.distill_teacher(restyle, tmp_path, "unet") == out
+    flag = _flags(recipe.refine_command(restyle, tmp_path, shipped, out, "restyle-teacher"))
+    assert (flag["--train_data_dir"], flag["--max_train_steps"], flag["--input_perturbation"], flag["--balance_by"]) \
+        == (str(tmp_path / "data-noto-default"), "2", "0.1", "hexcode")
+    assert _flags(recipe.refine_command(restyle, tmp_path, shipped, out, "perturb-teacher"))["--train_data_dir"] == \
+        str(tmp_path / "data")
+    student = recipe.distill_dir(restyle, tmp_path)
+    assert _flags(recipe.distill_command(restyle, out, student, 2, None))["--train_data_dir"] == \
+        str(tmp_path / "data-noto-default")
+
+    run = {"train_batch_size": 4, "pretrained_model_name_or_path": "models/emoji", "balance_by": "hexcode",
+           "input_perturbation": 0.1}
+    for name, steps in (("teacher-unet-refine-balanced", 10), ("teacher-unet-refine-balanced-perturbed", 5),
+                        (out.name, 2)):
+        tiny_pipeline("unet", seed=0).save_pretrained(tmp_path / name)
+        data = "data-noto-default" if name == out.name else "data"
+        (tmp_path / name / "training_args.json").write_text(json.dumps(dict(run, max_train_steps=steps,
+                                                                            train_data_dir=f"w/{data}")))
+        (tmp_path / f"eval-{name}.json").write_text(json.dumps({"train": {"top5": 0.5}}))
+    (tmp_path / "timings.json").write_text(json.dumps({"perturb-teacher": 2.0, "restyle-teacher": 1.0}))
+    rows = recipe.teacher_rows(restyle, tmp_path, "unet", saved)
+    assert [(r["name"], r["from"], r["steps"]) for r in rows[-2:]] == \
+        [("unet-refine-balanced-perturbed", "unet-refine-balanced", 8415),
+         ("unet-refine-balanced-perturbed-noto-default", "unet-refine-balanced-perturbed", 8417)]
+    notes = recipe.later_notes(out)
+    assert list(notes) == ["balance-teacher", "perturb-teacher", "restyle-teacher"]
+    assert "`--restyle_steps 2`" in notes["restyle-teacher"] and "`--default_style Noto`" in notes["restyle-teacher"]
+    assert "`w/data-noto-default`" in notes["restyle-teacher"] and "`--perturb_steps 5`" in notes["perturb-teacher"]
+    assert recipe.restyle_note(tmp_path / "teacher-unet-refine-balanced-perturbed") == ""

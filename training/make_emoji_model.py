@@ -27,6 +27,10 @@ interrupted command picks up where it stopped):
 6d. ``perturb-teacher`` (``--perturb_steps``, 0 by default: skipped): the balanced teacher (or ``--refine_from``)
    trained on with the balance recipe plus ``--input_perturbation`` (DDPM-IP) into ``...-balanced-perturbed``, which
    then ships, and evaluated again;
+6e. ``restyle-teacher`` (``--restyle_steps``, 0 by default: skipped): the perturbed teacher (or ``--refine_from``)
+   trained on with the perturb recipe on the data built with ``--default_style`` (Noto: every Twemoji training
+   caption names its style, so an unstyled prompt means Noto alone) into ``...-noto-default``, which then ships (and
+   the student is distilled on that data), and evaluated again;
 7. ``ship-teacher``: that teacher as ``models/emoji`` and the CLIP as ``models/emoji-clip`` (fp16, cards);
 8. ``student``: ``distill.py``: guidance folded in over ``--guidance_range`` (1 to 8) on the teacher's
    ``--distill_teacher_steps`` grid, then halving rounds down to 4 steps; ``--distill_from models/emoji`` distils
@@ -53,7 +57,7 @@ from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
 STAGES = ("data", "clip", "vae", "teacher-unet", "teacher-dit", "evaluate-teachers", "continue-teacher",
-          "refine-teacher", "balance-teacher", "perturb-teacher", "ship-teacher",
+          "refine-teacher", "balance-teacher", "perturb-teacher", "restyle-teacher", "ship-teacher",
           "student", "ship-student")
 VALIDATION_PROMPTS = ("a red fox", "a slice of pizza", "a red apple", "a rocket")
 ROUND_STEPS = 500  # the default steps of each halving round; its student folder's name leaves them out
@@ -93,6 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "it trains on from its last checkpoint")
     p.add_argument("--input_perturbation", type=float, default=0.1,
                    help="the perturb-teacher stage's train_t2i.py --input_perturbation (DDPM-IP's gamma)")
+    p.add_argument("--restyle_steps", type=int, default=0,
+                   help="steps of the restyle-teacher stage (the perturb recipe again, from the perturbed teacher, on "
+                        "the data built with --default_style); 0: skipped. More than a finished run's: it trains on "
+                        "from its last checkpoint")
+    p.add_argument("--default_style", choices=["Noto", "Twemoji"], default="Noto",
+                   help="the style unstyled prompts mean after restyle-teacher (ldm.data.emoji --default_style)")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
     p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 192])
@@ -127,8 +137,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def stage_data(args, work: Path) -> None:
+    """The imagefolder in ``work/data``; with ``--restyle_steps`` also its ``--default_style`` copy."""
+    cache = ["--cache_dir", args.npm_cache] if args.npm_cache else []
     if not (work / "data" / "train" / "metadata.jsonl").is_file():
-        run("ldm.data.emoji", "--out", work / "data", *(["--cache_dir", args.npm_cache] if args.npm_cache else []))
+        run("ldm.data.emoji", "--out", work / "data", *cache)
+    restyled = restyle_data(args, work)
+    if restyled != work / "data" and not (restyled / "train" / "metadata.jsonl").is_file():
+        run("ldm.data.emoji", "--out", restyled, "--default_style", args.default_style, *cache)
+
+
+def restyle_data(args, work: Path) -> Path:
+    """The data the restyle-teacher stage and then the student train on (``work/data`` without that stage)."""
+    return work / f"data-{args.default_style.lower()}-default" if args.restyle_steps > 0 else work / "data"
 
 
 def stage_clip(args, work: Path) -> None:
@@ -157,9 +177,10 @@ def denoiser_config(args, work: Path, kind: str) -> Path:
     return path
 
 
-def t2i_recipe(args, work: Path, out: Path, resume) -> list:
-    """The ``train_t2i.py`` flags every teacher run shares: data, objective, caption dropout, batch, precision."""
-    return ["--train_data_dir", work / "data", "--resolution", 64, "--cache_latents", "--prediction_type",
+def t2i_recipe(args, work: Path, out: Path, resume, data: Path | None = None) -> list:
+    """The ``train_t2i.py`` flags every teacher run shares: data (``work/data`` unless given), objective, caption
+    dropout, batch, precision."""
+    return ["--train_data_dir", data or work / "data", "--resolution", 64, "--cache_latents", "--prediction_type",
             "v_prediction", "--rescale_betas_zero_snr", "--caption_dropout", "0.1", "--use_ema", "--train_batch_size",
             args.teacher_batch_size, "--lr_scheduler", "cosine", "--checkpoints_total_limit", 2,
             "--resume_from_checkpoint", resume, "--mixed_precision", args.mixed_precision, "--validation_prompts",
@@ -175,13 +196,16 @@ def teacher_command(args, work: Path, kind: str, out: Path, steps: int, resume) 
             2500]
 
 
-def refine_command(args, work: Path, start: Path, out: Path, balance: bool = False, perturb: bool = False) -> list:
+def refine_command(args, work: Path, start: Path, out: Path, stage: str = "refine-teacher") -> list:
     """Fine-tune the pipeline ``start`` with timesteps drawn logit-normal around t = 500 (SNR about 0.02 to 0.2
-    there under the zero-terminal-SNR schedule: the band where a sample commits to a layout), a fresh optimizer;
-    ``balance``: ``--balance_steps`` drawing every value of ``--balance_by`` equally often; ``perturb``: the same
-    for ``--perturb_steps`` with ``--input_perturbation``."""
-    steps = args.perturb_steps if perturb else args.balance_steps if balance else args.refine_steps
-    return ["train_t2i.py", "--pretrained_model_name_or_path", start, *t2i_recipe(args, work, out, "latest"),
+    there under the zero-terminal-SNR schedule: the band where a sample commits to a layout), a fresh optimizer,
+    ``--refine_steps``; ``balance-teacher``: ``--balance_steps`` drawing every value of ``--balance_by`` equally
+    often; ``perturb-teacher``: the same for ``--perturb_steps`` with ``--input_perturbation``; ``restyle-teacher``:
+    that for ``--restyle_steps`` on the ``--default_style`` data."""
+    steps = getattr(args, f"{stage.removesuffix('-teacher')}_steps")
+    balance, perturb = stage != "refine-teacher", stage in ("perturb-teacher", "restyle-teacher")
+    data = restyle_data(args, work) if stage == "restyle-teacher" else None
+    return ["train_t2i.py", "--pretrained_model_name_or_path", start, *t2i_recipe(args, work, out, "latest", data),
             "--ema_decay", "0.999", "--learning_rate", "1e-4", "--lr_warmup_steps", 100, "--max_train_steps",
             steps, "--checkpointing_steps", 200, "--weighting_scheme", "logit_normal", "--logit_mean", 0,
             "--logit_std", 1, "--validation_steps", 100000,
@@ -211,10 +235,16 @@ def balanced_teacher(args, work: Path, kind: str) -> Path:
     return refined if args.balance_steps <= 0 else work / f"{refined.name}-balanced"
 
 
-def shipped_teacher(args, work: Path, kind: str) -> Path:
-    """The folder of the teacher that ships: the perturbed one, else (``--perturb_steps 0``) the balanced one."""
+def perturbed_teacher(args, work: Path, kind: str) -> Path:
+    """The perturb-teacher stage's folder (with ``--perturb_steps 0``: the balanced teacher's)."""
     balanced = balanced_teacher(args, work, kind)
     return balanced if args.perturb_steps <= 0 else work / f"{balanced.name}-perturbed"
+
+
+def shipped_teacher(args, work: Path, kind: str) -> Path:
+    """The folder of the teacher that ships: the restyled one, else (``--restyle_steps 0``) the perturbed one."""
+    perturbed = perturbed_teacher(args, work, kind)
+    return perturbed if args.restyle_steps <= 0 else work / f"{perturbed.name}-{args.default_style.lower()}-default"
 
 
 def start_or_given(args, folder: Path) -> Path:
@@ -232,10 +262,18 @@ def perturb_start(args, work: Path, kind: str) -> Path:
     return start_or_given(args, balanced_teacher(args, work, kind))
 
 
+def restyle_start(args, work: Path, kind: str) -> Path:
+    """The teacher the restyle-teacher stage fine-tunes: the perturbed one in ``work``, else ``--refine_from``."""
+    return start_or_given(args, perturbed_teacher(args, work, kind))
+
+
 def refine_stage(args, work: Path, kind: str, stage: str) -> tuple[int, Path, Path]:
-    """(steps, folder, start pipeline) of the ``refine-teacher``, ``balance-teacher`` or ``perturb-teacher`` stage."""
+    """(steps, folder, start pipeline) of the ``refine-teacher``, ``balance-teacher``, ``perturb-teacher`` or
+    ``restyle-teacher`` stage."""
+    if stage == "restyle-teacher":
+        return args.restyle_steps, shipped_teacher(args, work, kind), restyle_start(args, work, kind)
     if stage == "perturb-teacher":
-        return args.perturb_steps, shipped_teacher(args, work, kind), perturb_start(args, work, kind)
+        return args.perturb_steps, perturbed_teacher(args, work, kind), perturb_start(args, work, kind)
     if stage == "balance-teacher":
         return args.balance_steps, balanced_teacher(args, work, kind), balance_start(args, work, kind)
     return (args.refine_steps, refined_teacher(args, work, kind),
@@ -259,14 +297,14 @@ def stage_refine_teacher(args, work: Path, kind: str, stage: str = "refine-teach
     """The continued teacher (or ``--refine_from``) fine-tuned ``--refine_steps`` on mid-noise timesteps, then
     evaluated like the others; ``balance-teacher``: the refined one fine-tuned again ``--balance_steps`` with every
     value of ``--balance_by`` drawn equally often; ``perturb-teacher``: the balanced one ``--perturb_steps`` more
-    with ``--input_perturbation`` as well."""
+    with ``--input_perturbation`` as well; ``restyle-teacher``: the perturbed one ``--restyle_steps`` more on the
+    ``--default_style`` data."""
     steps, out, start = refine_stage(args, work, kind, stage)
     if steps <= 0:
         return
     report = work / f"eval-{out.name}.json"
     if lengthen(out, steps, report):
-        run(*refine_command(args, work, recorded_start(out, start), out, balance=stage == "balance-teacher",
-                            perturb=stage == "perturb-teacher"))
+        run(*refine_command(args, work, recorded_start(out, start), out, stage))
     evaluate_teacher(args, out, report)
 
 
@@ -438,11 +476,12 @@ def distill_rounds(args) -> int:
 
 
 def distill_command(args, teacher: Path, out: Path, rounds: int, balance: str | None) -> list:
-    """``distill.py`` for the fold and ``rounds`` halving rounds into ``out``, drawing ``balance`` equally often."""
-    low, high = fold_range(args)
+    """``distill.py`` for the fold and ``rounds`` halving rounds into ``out``, drawing ``balance`` equally often, on
+    the data the teacher finished on (:func:`restyle_data`)."""
+    low, high, work = *fold_range(args), out.parent
     return ["distill.py", "--teacher", teacher, "--teacher_steps", args.distill_teacher_steps, "--rounds", rounds,
             "--guidance_distillation", "--default_guidance_scale", args.student_guidance_scale,
-            "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", out.parent / "data",
+            "--guidance_scale_min", low, "--guidance_scale_max", high, "--train_data_dir", restyle_data(args, work),
             "--cache_latents", "--guidance_steps", args.guidance_steps, "--guidance_learning_rate", "2e-4",
             "--steps_per_round", args.distill_steps, "--train_batch_size", args.distill_batch_size,
             "--learning_rate", "1e-4", *(["--balance_by", balance] if balance else []),
@@ -581,6 +620,8 @@ def teacher_rows(args, work: Path, kind: str, saved: list[dict]) -> list[dict]:
               balanced: (balance_start(args, work, kind), "balance-teacher"),
               f"{balanced_teacher(args, work, kind).name}-perturbed": (perturb_start(args, work, kind),
                                                                         "perturb-teacher")}
+    if args.restyle_steps > 0:
+        starts[shipped_teacher(args, work, kind).name] = (restyle_start(args, work, kind), "restyle-teacher")
     for folder in dict.fromkeys(("teacher-unet", "teacher-dit", long.name, f"teacher-{kind}-refine", *starts)):
         if (work / folder / "model_index.json").is_file():
             name = folder.removeprefix("teacher-")
@@ -709,17 +750,41 @@ Then `--stages perturb-teacher` trained it on with the same recipe, {trained["ma
 draw, while the target stays eps, so training meets inputs a little off the forward process, as a sampler's are)."""
 
 
+def restyle_note(shipped: Path) -> str:
+    """The card's account of the restyle-teacher stage (empty for another teacher)."""
+    if unstyled(shipped) == shipped:
+        return ""
+    trained, restart, runs = legs_text(shipped, "--restyle_steps")
+    style = shipped.name.removeprefix(unstyled(shipped).name).split("-")[1].capitalize()
+    other = "Twemoji" if style == "Noto" else "Noto"
+    return f"""
+Then `--stages restyle-teacher` trained it on with the same recipe, {trained["max_train_steps"]} steps{restart} from
+`{trained["pretrained_model_name_or_path"]}` (the row above; {runs}), on `{trained["train_data_dir"]}`: the data
+built with `--default_style {style}`, where every {other} training caption names its style ("a fox, {other}
+style"), so that a prompt without a style word means {style} alone rather than a blend of both styles' renders
+(the test and validation captions, and so the evaluation, are the same as before)."""
+
+
+def unstyled(folder: Path) -> Path:
+    """``folder`` without the restyle-teacher stage's ``-STYLE-default`` suffix (``folder`` itself without one)."""
+    for style in ("noto", "twemoji"):
+        if folder.name.endswith(f"-{style}-default"):
+            return folder.with_name(folder.name.removesuffix(f"-{style}-default"))
+    return folder
+
+
 def later_notes(shipped: Path, recorded: dict | None = None) -> dict:
-    """The card's accounts of the balance- and perturb-teacher stages that made ``shipped``, by stage (none for
-    neither); ``recorded``: those the shipped ``teachers.json`` kept, for a stage whose work folder is gone."""
-    notes = {"balance-teacher": balance_note(shipped, recorded), "perturb-teacher": perturb_note(shipped)}
+    """The card's accounts of the balance-, perturb- and restyle-teacher stages that made ``shipped``, by stage
+    (none for none); ``recorded``: those the shipped ``teachers.json`` kept, for a stage whose work folder is gone."""
+    notes = {"balance-teacher": balance_note(unstyled(shipped), recorded),
+             "perturb-teacher": perturb_note(unstyled(shipped)), "restyle-teacher": restyle_note(shipped)}
     return {stage: text for stage, text in notes.items() if text}
 
 
 def teacher_notes(args, work: Path, rows: list[dict], chosen: dict, shipped: Path, timings: dict,
                   later: str) -> str:
     """The emoji sections of the teacher's card (the ``notes`` of ``model_cards/text_to_image.md``); ``later``: the
-    balance- and perturb-teacher stages' accounts (``later_notes``)."""
+    balance-, perturb- and restyle-teacher stages' accounts (``later_notes``)."""
     report = chosen["eval"]
     steps, scale = report["steps"], report["guidance_scale"]
     sets = "\n".join(
@@ -934,7 +999,7 @@ def main(args: argparse.Namespace) -> None:
                 kind = stage_evaluate_teachers(args, work)
             elif stage == "continue-teacher":
                 stage_teacher_long(args, work, kind or chosen_kind(choice))
-            elif stage in ("refine-teacher", "balance-teacher", "perturb-teacher"):
+            elif stage in ("refine-teacher", "balance-teacher", "perturb-teacher", "restyle-teacher"):
                 stage_refine_teacher(args, work, kind or chosen_kind(choice, args.refine_from), stage)
             elif stage == "ship-teacher":
                 stage_ship_teacher(args, work, kind or chosen_kind(choice, args.refine_from))

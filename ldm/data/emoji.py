@@ -20,6 +20,11 @@ captions), ``style``, ``hexcode``, ``group``, ``label``, ``split``):
 * ``validation``: the Noto renders of every 20th concept (offset 5), whose Twemoji renders stay in ``train``.
 * ``train``: everything else.
 
+``--default_style Noto`` makes unstyled prompts mean one style: every training caption of the other style's renders
+that names no style gets ", Twemoji style" appended, position for position (a caption that becomes a duplicate keeps
+its draw), so the caption without a style word is Noto's alone. The ``test`` and ``validation`` captions stay as
+they are, so evaluation prompts and concept embeddings do not depend on it.
+
 ``load_dataset("imagefolder", data_dir=OUT)`` gives the three splits; ``train_t2i.py --train_data_dir OUT`` trains on
 ``train`` and draws one caption of the list per step.
 """
@@ -170,6 +175,14 @@ def captions(concept: Concept, style: str) -> list[str]:
     return list(dict.fromkeys(out))  # unique, in order
 
 
+def restyled(captions_: list[str], style: str, default_style: str | None) -> list[str]:
+    """``captions_`` of a ``style`` render when unstyled captions mean ``default_style`` (a key of ``STYLES``): each
+    caption naming no style gets the render's style appended, position for position; unchanged for the default."""
+    if default_style is None or style == default_style:
+        return captions_
+    return [c if "style" in c else f"{c}, {STYLES[style]} style" for c in captions_]
+
+
 def split_of(index: int, style: str) -> str:
     """The split of concept ``index`` (sorted by hexcode) in ``style``: see the module docstring."""
     if index % HELDOUT_EVERY == 0 and style == "twitter":
@@ -189,8 +202,9 @@ def on_white(png: bytes) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def build(out: Path, tarballs: dict[str, Path], size: int = 64) -> dict:
-    """Write the imagefolder (module docstring) from the three tarballs; returns counts per split and style."""
+def build(out: Path, tarballs: dict[str, Path], size: int = 64, default_style: str | None = None) -> dict:
+    """Write the imagefolder (module docstring) from the three tarballs; returns counts per split and style.
+    ``default_style`` (a key of ``STYLES``): the style unstyled training captions mean (:func:`restyled`)."""
     meta = json.loads(read_members(tarballs["emojibase"], lambda n: n == "package/en/data.json")
                       ["package/en/data.json"])
     datasource = json.loads(read_members(tarballs["google"], lambda n: n == "package/emoji.json")
@@ -210,7 +224,9 @@ def build(out: Path, tarballs: dict[str, Path], size: int = 64) -> dict:
                 file_name = f"{style}-{concept.hexcode.lower()}" + (f"-{variant}" if variant else "") + ".png"
                 (out / split).mkdir(parents=True, exist_ok=True)
                 on_white(pngs[prefix + name]).save(out / split / file_name)
-                rows[split].append({"file_name": file_name, "text": captions(concept, style), "style": STYLES[style],
+                text = captions(concept, style)
+                text = restyled(text, style, default_style) if split == "train" else text
+                rows[split].append({"file_name": file_name, "text": text, "style": STYLES[style],
                                     "hexcode": concept.hexcode, "group": concept.group, "label": concept.label,
                                     "split": split, "variant": variant})
     counts = {}
@@ -220,6 +236,7 @@ def build(out: Path, tarballs: dict[str, Path], size: int = 64) -> dict:
                 f.write(json.dumps(row) + "\n")
         counts[split] = {STYLES[s]: sum(r["style"] == STYLES[s] for r in split_rows) for s in STYLES}
     summary = {"concepts": len(concepts), "images": counts,
+               **({"default_style": STYLES[default_style]} if default_style else {}),
                "sources": {k: f"{p.name}@{p.version}" for k, p in PACKAGES.items()}, "licenses": LICENSES}
     (out / "dataset_info.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -234,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"use a local tarball for one of {sorted(PACKAGES)} (its integrity is still checked)")
     p.add_argument("--integrity", action="append", default=[], metavar="KEY=SHA512",
                    help="expect another integrity string (for a package version other than the pinned one)")
+    p.add_argument("--default_style", choices=sorted(STYLES.values()), default=None,
+                   help="the style unstyled training captions mean: the other style's training captions all name "
+                        "their style (default: none, every render has unstyled captions)")
     args = p.parse_args(argv)
     local = dict(item.split("=", 1) for item in args.tarball)
     integrity = dict(item.split("=", 1) for item in args.integrity)
@@ -246,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
             tarballs[key] = Path(local[key])
         else:
             tarballs[key] = fetch(package, Path(args.cache_dir))
-    summary = build(Path(args.out), tarballs)
+    default = next((k for k, v in STYLES.items() if v == args.default_style), None)
+    summary = build(Path(args.out), tarballs, default_style=default)
     print(json.dumps(summary, indent=2))
     return summary
 
