@@ -53,6 +53,7 @@ import time
 from pathlib import Path
 
 from ldm.checkpointing import latest_good_checkpoint
+from ldm.data.emoji import STYLES
 from ldm.eval.emoji_suite import NATURAL_PROMPTS
 from ldm.recipes import add_recipe_arguments, run
 
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps of the restyle-teacher stage (the perturb recipe again, from the perturbed teacher, on "
                         "the data built with --default_style); 0: skipped. More than a finished run's: it trains on "
                         "from its last checkpoint")
-    p.add_argument("--default_style", choices=["Noto", "Twemoji"], default="Noto",
+    p.add_argument("--default_style", choices=sorted(STYLES.values()), default="Noto",
                    help="the style unstyled prompts mean after restyle-teacher (ldm.data.emoji --default_style)")
     p.add_argument("--teacher_batch_size", type=int, default=64)
     p.add_argument("--teacher_lr", type=float, default=3e-4)
@@ -755,8 +756,8 @@ def restyle_note(shipped: Path) -> str:
     if unstyled(shipped) == shipped:
         return ""
     trained, restart, runs = legs_text(shipped, "--restyle_steps")
-    style = shipped.name.removeprefix(unstyled(shipped).name).split("-")[1].capitalize()
-    other = "Twemoji" if style == "Noto" else "Noto"
+    style = next(s for s in STYLES.values() if shipped.name.endswith(f"-{s.lower()}-default"))
+    other = next(s for s in STYLES.values() if s != style)
     return f"""
 Then `--stages restyle-teacher` trained it on with the same recipe, {trained["max_train_steps"]} steps{restart} from
 `{trained["pretrained_model_name_or_path"]}` (the row above; {runs}), on `{trained["train_data_dir"]}`: the data
@@ -767,9 +768,9 @@ style"), so that a prompt without a style word means {style} alone rather than a
 
 def unstyled(folder: Path) -> Path:
     """``folder`` without the restyle-teacher stage's ``-STYLE-default`` suffix (``folder`` itself without one)."""
-    for style in ("noto", "twemoji"):
-        if folder.name.endswith(f"-{style}-default"):
-            return folder.with_name(folder.name.removesuffix(f"-{style}-default"))
+    for style in STYLES.values():
+        if folder.name.endswith(f"-{style.lower()}-default"):
+            return folder.with_name(folder.name.removesuffix(f"-{style.lower()}-default"))
     return folder
 
 
