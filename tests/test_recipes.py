@@ -207,6 +207,25 @@ def test_emoji_recipe_ship_student_sets_its_guidance_and_distill_from_replaces_t
         recipe.chosen_kind(tmp_path / "teacher-choice.json")
 
 
+def test_emoji_recipe_cards_reproduce_command_names_every_recipe_flag_away_from_its_default():
+    """The cards' reproduce command is the script with the recipe flags the shipping run set (lists and floats as
+    typed), without the flags that only say where files live or which stages run; the defaults give the bare script."""
+    from conftest import load_script
+
+    recipe = load_script(Path(__file__).parents[1] / "training" / "make_emoji_model.py", "make_emoji_model")
+    assert recipe.reproduce_command(recipe.parse_args([])) == "python training/make_emoji_model.py"
+    args = recipe.parse_args(["--stages", "ship-student", "--refine_from", "models/emoji", "--distill_from",
+                              "models/emoji", "--work_dir", "w", "--perturb_steps", "18000", "--distill_steps", "1000",
+                              "--guidance_range", "1", "6", "--unet_channels", "64", "128", "256"])
+    command = recipe.reproduce_command(args)
+    assert command.startswith("python training/make_emoji_model.py ")
+    words = command.split()
+    assert _flags(words) == {"--perturb_steps": "18000", "--distill_steps": "1000", "--guidance_range": "1",
+                             "--unet_channels": "64"}
+    assert "--guidance_range 1 6" in command and "--unet_channels 64 128 256" in command
+    assert not any(w in words for w in ("--stages", "--refine_from", "--distill_from", "--work_dir"))
+
+
 def test_emoji_recipe_refine_stage_ships_the_refined_teacher_and_keeps_the_rows_of_gone_teachers(tmp_path):
     """``refine-teacher`` fine-tunes the continued teacher (or ``--refine_from``) on mid-noise logit-normal
     timesteps into its own folder, which ships with ``--balance_steps 0``; ``--refine_steps 0 --balance_steps 0``

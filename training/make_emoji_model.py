@@ -137,6 +137,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+PLACE_FLAGS = ("work_dir", "output_dir", "stages", "npm_cache", "refine_from", "distill_from")
+
+
+def reproduce_command(args) -> str:
+    """The one command that reproduces what ``args`` ships: this script with every recipe flag ``args`` sets away from
+    its default (where files live, which stages run and where a shortcut teacher comes from are left out)."""
+    defaults = vars(parse_args([]))
+    words = ["python training/make_emoji_model.py"]
+    for name, value in vars(args).items():
+        if name in PLACE_FLAGS or value == defaults.get(name):
+            continue
+        shown = value if isinstance(value, (list, tuple)) else [value]
+        words.append(" ".join([f"--{name}", *(f"{v:g}" if isinstance(v, float) else str(v) for v in shown)]))
+    return " ".join(words)
+
+
 def stage_data(args, work: Path) -> None:
     """The imagefolder in ``work/data``; with ``--restyle_steps`` also its ``--default_style`` copy."""
     cache = ["--cache_dir", args.npm_cache] if args.npm_cache else []
@@ -839,7 +855,7 @@ emoji --model {shipped} --clip {scoring_clip(args, work)} --data_dir {work}/data
 
 ### Reproduce
 
-`python training/make_emoji_model.py` (stage by stage, resumable; wall time on the 2-core CPU of this project's
+`{reproduce_command(args)}` (stage by stage, resumable; wall time on the 2-core CPU of this project's
 machines: {times}).
 """
 
@@ -930,7 +946,7 @@ gives:
 The guidance fold drew the training rows as the data has them; {draws}
 (`--round_balance_by`).
 
-Reproduce: `python training/make_emoji_model.py` (the teacher is `models/emoji`).
+Reproduce: `{reproduce_command(args)}` (the teacher is `models/emoji`).
 
 The components {", ".join(f"`{c}`" for c in shared) or "(none)"} are the teacher's files: in this folder they are
 symlinks to `../emoji/`, so the bundle stores them once (`save_pretrained` or `push_to_hub` of the loaded pipeline
