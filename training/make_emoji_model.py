@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Reproduce the bundled emoji models from scratch with the project's own scripts (one command, resumable).
 
-    python training/make_emoji_model.py --work_dir work/emoji --output_dir models
+    python training/make_emoji_model.py --work_dir work/emoji --output_dir models   # the default recipe
     python training/make_emoji_model.py --stages vae            # one stage (or several) at a time
+
+The shipped models' recipe sets a few flags away from their defaults; both model cards print it
+(:func:`reproduce_command`), and the README gives it.
 
 Stages (each skipped when its output exists; the training stages resume from their last checkpoint, so an
 interrupted command picks up where it stopped):
