@@ -168,7 +168,7 @@ def stage_data(args, work: Path) -> None:
 
 def restyle_data(args, work: Path) -> Path:
     """The data the restyle-teacher stage and then the student train on (``work/data`` without that stage)."""
-    return work / f"data-{args.default_style.lower()}-default" if args.restyle_steps > 0 else work / "data"
+    return work / f"data{style_suffix(args.default_style)}" if args.restyle_steps > 0 else work / "data"
 
 
 def stage_clip(args, work: Path) -> None:
@@ -264,7 +264,7 @@ def perturbed_teacher(args, work: Path, kind: str) -> Path:
 def shipped_teacher(args, work: Path, kind: str) -> Path:
     """The folder of the teacher that ships: the restyled one, else (``--restyle_steps 0``) the perturbed one."""
     perturbed = perturbed_teacher(args, work, kind)
-    return perturbed if args.restyle_steps <= 0 else work / f"{perturbed.name}-{args.default_style.lower()}-default"
+    return perturbed if args.restyle_steps <= 0 else work / f"{perturbed.name}{style_suffix(args.default_style)}"
 
 
 def start_or_given(args, folder: Path) -> Path:
@@ -775,7 +775,7 @@ def restyle_note(shipped: Path) -> str:
     if unstyled(shipped) == shipped:
         return ""
     trained, restart, runs = legs_text(shipped, "--restyle_steps")
-    style = next(s for s in STYLES.values() if shipped.name.endswith(f"-{s.lower()}-default"))
+    style = restyled_style(shipped)
     other = next(s for s in STYLES.values() if s != style)
     return f"""
 Then `--stages restyle-teacher` trained it on with the same recipe, {trained["max_train_steps"]} steps{restart} from
@@ -785,12 +785,20 @@ style"), so that a prompt without a style word means {style} alone rather than a
 (the test and validation captions, and so the evaluation, are the same as before)."""
 
 
+def style_suffix(style: str) -> str:
+    """The ``-STYLE-default`` suffix of the folders made for ``--default_style STYLE`` (data, restyled teacher)."""
+    return f"-{style.lower()}-default"
+
+
+def restyled_style(folder: Path) -> str | None:
+    """The default style whose :func:`style_suffix` ends ``folder``'s name (None without one)."""
+    return next((s for s in STYLES.values() if folder.name.endswith(style_suffix(s))), None)
+
+
 def unstyled(folder: Path) -> Path:
     """``folder`` without the restyle-teacher stage's ``-STYLE-default`` suffix (``folder`` itself without one)."""
-    for style in STYLES.values():
-        if folder.name.endswith(f"-{style.lower()}-default"):
-            return folder.with_name(folder.name.removesuffix(f"-{style.lower()}-default"))
-    return folder
+    style = restyled_style(folder)
+    return folder.with_name(folder.name.removesuffix(style_suffix(style))) if style else folder
 
 
 def later_notes(shipped: Path, recorded: dict | None = None) -> dict:
