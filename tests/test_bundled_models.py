@@ -101,3 +101,22 @@ def test_emoji_bundle_follows_three_prompts(bundle, steps, emoji_clip):
     targets = [labels.index(NATURAL_PROMPTS[p]) for p in EMOJI_PROMPTS_FOLLOWED]
     ranks = [(sims[i] > sims[i, t]).sum().item() for i, t in enumerate(targets)]
     assert max(ranks) < 3, dict(zip(EMOJI_PROMPTS_FOLLOWED, ranks))
+
+
+def test_inspect_denoiser_samples_a_student_with_its_own_step_count(tmp_path):
+    """``training/inspect_denoiser.py`` without ``--steps`` runs the bundled 4-step student at 4 steps (at 50 a
+    distilled model draws far worse images, which would blame the model for the tool's setting)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import load_script
+
+    script = load_script(MODELS.parent / "training" / "inspect_denoiser.py", "inspect_denoiser")
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    out = tmp_path / "inspect.png"
+    script.main(script.parse_args(["--model", str(MODELS / "emoji-student"), "--image", str(tmp_path / "white.png"),
+                                   "--prompt", "a red apple", "--timesteps", "--restart_timesteps", "999",
+                                   "--output", str(out)]))
+    assert json.loads(out.with_suffix(".json").read_text())["steps"] == 4

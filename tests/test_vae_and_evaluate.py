@@ -132,3 +132,56 @@ def test_inspect_denoiser_rows_composite_alpha_and_keep_the_sampled_image(saved_
     with pytest.raises(SystemExit):
         script.parse_args(["--model", "m", "--image", "a.png", "--image", "b.png", "--prompt", "a"])
     assert "one --prompt per --image" in capsys.readouterr().err
+
+
+def test_inspect_denoiser_restarted_rows_run_from_the_noised_render_and_end_at_its_two_limits(saved_pipes, tmp_path):
+    """A restart level below every timestep is the VAE round trip; one at the first timestep is plain sampling from
+    the render's latent noised there; one between differs from both and repeats exactly. ``--data_dir`` takes the
+    emoji imagefolder's Noto base renders with their second caption and writes each row's PSNR next to the PNG."""
+    from PIL import Image
+
+    from ldm.latents import encode_posterior, sample_posterior, to_denoiser_space
+    from pipelines import LatentPipeline
+
+    script = load_script("inspect_denoiser")
+    data = tmp_path / "data" / "train"
+    data.mkdir(parents=True)
+    rows = []
+    for i, prompt in enumerate(["a fox face", "a red apple", "a tent"]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": [prompt.split()[-1], prompt], "style": "Twemoji" if i == 2
+                     else "Noto", "variant": 0})
+    (data / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "restart.png"
+    args = script.parse_args(["--model", saved_pipes["unet"], "--data_dir", str(tmp_path / "data"), "--timesteps",
+                              "--restart_timesteps", "-1", "500", "999", "--steps", "5", "--guidance_scale", "3",
+                              "--output", str(out)])
+    got = script.main(args)
+    assert list(got) == ["real", "vae round trip", "sampled, final", "restarted -1", "restarted 500", "restarted 999"]
+    torch.testing.assert_close(got["restarted -1"], got["vae round trip"])
+    images, prompts = script.load_renders(str(tmp_path / "data"), 32, 0, 64)
+    assert sorted(prompts) == ["a fox face", "a red apple"] and torch.equal(images, got["real"])  # Noto ones only
+    pipe = LatentPipeline.from_pretrained(saved_pipes["unet"])
+    pipe.set_progress_bar_config(disable=True)
+    latents = to_denoiser_space(sample_posterior(encode_posterior(pipe.vae, got["real"]), "mean", None), pipe.vae)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    pipe.scheduler.set_timesteps(5)
+    first = pipe.scheduler.add_noise(latents, noise, pipe.scheduler.timesteps[:1].expand(2))
+    plain = pipe(prompts, num_inference_steps=5, guidance_scale=3, latents=first, output_type="pt").images
+    torch.testing.assert_close(got["restarted 999"], plain.float() * 2 - 1)
+    middle = script.restart(pipe, latents, noise, prompts, 500, 5, 3.0)
+    torch.testing.assert_close(middle, got["restarted 500"])
+    for end in ("restarted -1", "restarted 999"):
+        assert (middle - got[end]).abs().max() > 1e-3
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["images"] == 2 and list(report["psnr_db"]) == list(got)[1:]
+    vae_psnr = script.psnr(got["vae round trip"], got["real"])
+    assert report["psnr_db"]["vae round trip"] == pytest.approx(vae_psnr, abs=0.01)
+    with pytest.raises(ValueError, match="no Noto base renders"):
+        script.load_renders(str(tmp_path / "empty"), 4, 0, 64)
+
+
+def test_inspect_denoiser_psnr_of_a_known_error():
+    script = load_script("inspect_denoiser")
+    real = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 1.8 - 0.9
+    assert script.psnr(real + 0.1, real) == pytest.approx(10 * np.log10(400), abs=1e-4)
