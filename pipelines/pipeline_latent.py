@@ -234,6 +234,11 @@ class LatentPipeline(DiffusionPipeline):
         return self._guidance_scale > 1.0 and not self.guidance_distilled
 
     @property
+    def default_num_inference_steps(self) -> int:
+        """The steps a call without ``num_inference_steps`` takes: a distilled scheduler's own count, else 50."""
+        return int(getattr(self.scheduler.config, "num_distilled_steps", None) or 50)
+
+    @property
     def latent_multiple(self) -> int:
         """Pixel height/width must be multiples of this: VAE factor x the denoiser's own divisor (patch size, ...)."""
         return self.vae_scale_factor * getattr(self.denoiser, "sample_divisor", 1)
@@ -571,7 +576,7 @@ class LatentPipeline(DiffusionPipeline):
         height = self.denoiser.config.sample_size * self.vae_scale_factor if height is None else height
         width = self.denoiser.config.sample_size * self.vae_scale_factor if width is None else width
         if num_inference_steps is None:
-            num_inference_steps = int(getattr(self.scheduler.config, "num_distilled_steps", None) or 50)
+            num_inference_steps = self.default_num_inference_steps
         if guidance_scale is None:
             guidance_scale = getattr(self.scheduler.config, "guidance_scale", None) or 7.5
         return height, width, num_inference_steps, guidance_scale

@@ -81,7 +81,7 @@ def optional_metric(name: str, compute) -> float | None:
 
 def steps_of(args, pipe) -> int:
     """The sampling steps the evaluation used (``--steps``, else the pipeline's default)."""
-    return args.steps or int(getattr(pipe.scheduler.config, "num_distilled_steps", None) or 50)
+    return args.steps or pipe.default_num_inference_steps
 
 
 def save_grid(images: list, path: Path, cols: int = 8) -> None:

@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> dict:
     size = pipe.denoiser.config.sample_size * pipe.vae_scale_factor
     images, prompts = (load_images(args.image, size), args.prompt) if args.image else \
         load_renders(args.data_dir, args.num_renders, args.seed, size)
-    steps = args.steps or int(getattr(pipe.scheduler.config, "num_distilled_steps", None) or 50)
+    steps = args.steps or pipe.default_num_inference_steps
     rows = inspect(pipe, images, prompts, args.timesteps, steps, args.seed, args.guidance_scale,
                    args.restart_timesteps)
     report = {"model": args.model, "images": len(prompts), "steps": steps,
